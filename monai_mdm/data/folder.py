@@ -1,0 +1,74 @@
+"""A checked datalist for a folder of images: the input of self-supervised pretraining."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def _is_annotation(path: Path) -> bool:
+    """Label images that sit beside their images in the official layouts (GlaS ``*_anno.bmp``)."""
+    return path.stem.endswith("_anno")
+
+
+def image_folder_datalist(
+    dataset_dir: str | Path,
+    min_size: int | Sequence[int] = 0,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    exclude_annotations: bool = True,
+    verify: bool = True,
+    image_key: str = "image",
+) -> list[dict[str, str]]:
+    """``[{"image": path}, ...]`` for every image under ``dataset_dir`` (searched recursively, sorted).
+
+    Each image is opened up front (and fully decoded when ``verify``), so that an unreadable or truncated
+    file, or one smaller than the training crop, stops the run before training with its name and the fix,
+    instead of failing inside a data-loader worker hours later.
+
+    Args:
+        dataset_dir: folder of png/jpg/bmp/tif images.
+        min_size: smallest allowed (height, width), e.g. the crop size.
+        extensions: file suffixes to take (case-insensitive).
+        exclude_annotations: skip ``*_anno.*`` label images (GlaS keeps them beside the images).
+        verify: decode every image once to catch truncated files.
+        image_key: key of the path in each datalist entry.
+    """
+    root = Path(dataset_dir).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"dataset_dir '{root}' does not exist or is not a folder; pass --dataset_dir with a folder of "
+            f"{'/'.join(e.lstrip('.') for e in extensions)} images."
+        )
+    suffixes = {e.lower() for e in extensions}
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+    if exclude_annotations:
+        files = [p for p in files if not _is_annotation(p)]
+    if not files:
+        raise FileNotFoundError(
+            f"no images ({', '.join(sorted(suffixes))}) found under '{root}'; check --dataset_dir."
+        )
+    min_hw = (int(min_size), int(min_size)) if isinstance(min_size, (int, float)) else tuple(int(s) for s in min_size)
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                width, height = im.size
+                if verify:
+                    im.load()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise ValueError(
+                f"cannot read image '{path}' ({e}); it may be truncated or not an image: replace or remove it."
+            ) from e
+        if height < min_hw[0] or width < min_hw[1]:
+            raise ValueError(
+                f"image '{path}' is {height} x {width} pixels, smaller than the crop {min_hw[0]} x {min_hw[1]}; "
+                "lower --image_size or remove the image."
+            )
+    logger.info(f"found {len(files)} images under '{root}'.")
+    return [{image_key: str(p)} for p in files]

@@ -1,0 +1,3 @@
+from .prepare_batch import CorruptionPrepareBatch
+
+__all__ = ["CorruptionPrepareBatch"]

@@ -1,0 +1,3 @@
+from .reconstruction import reconstruction_loss
+
+__all__ = ["reconstruction_loss"]

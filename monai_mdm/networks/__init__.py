@@ -1,0 +1,6 @@
+"""Networks: the MDM UNet (guided-diffusion compatible) and its presets."""
+
+from .mdm_unet import MDMUNet, guided_diffusion_config_to_kwargs, timestep_embedding
+from .presets import PRESETS
+
+__all__ = ["MDMUNet", "PRESETS", "guided_diffusion_config_to_kwargs", "timestep_embedding"]

@@ -1,0 +1,62 @@
+"""Named ``MDMUNet`` settings, so configs and bundles can say ``"paper"`` instead of fourteen numbers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["PRESETS"]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The network of the MDM paper (guided-diffusion 256 x 256 UNet, 192 channels, no learned sigma):
+    # attention at 32, 16 and 8 px of a 256 input = downsample factors 8, 16, 32; 18 decoder blocks.
+    "paper": dict(
+        spatial_dims=2,
+        in_channels=3,
+        out_channels=3,
+        model_channels=192,
+        channel_mult=(1, 1, 2, 2, 4, 4),
+        num_res_blocks=2,
+        attention_downsample=(8, 16, 32),
+        num_head_channels=64,
+        num_heads=-1,
+        dropout=0.0,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+        conv_resample=True,
+        num_timesteps=1000,
+    ),
+    # Same design, small enough to pretrain on a CPU in minutes on 32-64 px crops (sizes divisible by 4).
+    "tiny": dict(
+        spatial_dims=2,
+        in_channels=3,
+        out_channels=3,
+        model_channels=32,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=2,
+        attention_downsample=(4,),
+        num_head_channels=16,
+        num_heads=-1,
+        dropout=0.0,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+        conv_resample=True,
+        num_timesteps=1000,
+    ),
+    # 3D single-channel counterpart of "tiny" (isotropic resampling), for 32^3 crops of volumes.
+    "tiny3d": dict(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        model_channels=32,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attention_downsample=(4,),
+        num_head_channels=16,
+        num_heads=-1,
+        dropout=0.0,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+        conv_resample=True,
+        num_timesteps=1000,
+    ),
+}

@@ -1,0 +1,27 @@
+"""MDM transforms: batched corruptions (training/feature extraction) and MONAI array/dict transforms."""
+
+from monai_mdm.transforms.array import EnsureRGB, RandPatchMask
+from monai_mdm.transforms.corruption import Corruption, PatchMasking, patch_grid_shape, patch_keep_mask
+from monai_mdm.transforms.dictionary import (
+    EnsureRGBD,
+    EnsureRGBd,
+    EnsureRGBDict,
+    RandPatchMaskD,
+    RandPatchMaskd,
+    RandPatchMaskDict,
+)
+
+__all__ = [
+    "Corruption",
+    "PatchMasking",
+    "patch_grid_shape",
+    "patch_keep_mask",
+    "RandPatchMask",
+    "EnsureRGB",
+    "RandPatchMaskd",
+    "RandPatchMaskD",
+    "RandPatchMaskDict",
+    "EnsureRGBd",
+    "EnsureRGBD",
+    "EnsureRGBDict",
+]

@@ -1,0 +1,145 @@
+"""Array (single image, channel-first) transforms for MDM: random patch masking and RGB normalisation."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from monai.config.type_definitions import NdarrayOrTensor
+from monai.data import MetaTensor
+from monai.transforms.transform import Randomizable, Transform
+from monai.utils import TransformBackends
+from monai.utils.type_conversion import convert_to_dst_type, convert_to_tensor
+
+from monai_mdm.transforms.corruption import PatchMasking
+
+__all__ = ["RandPatchMask", "EnsureRGB"]
+
+
+class RandPatchMask(Randomizable, Transform):
+    """Mask a random fraction t/T of the patches of one channel-first image (C, *spatial), 2D or 3D.
+
+    The same code as :class:`PatchMasking` is used (batch of one), driven by a ``torch.Generator`` seeded
+    from ``self.R``, so ``set_random_state(seed)`` makes masks reproducible. Useful for previews and
+    dataloader-side corruption; training normally masks whole batches on the GPU with ``PatchMasking``.
+
+    Args:
+        patch_size: patch edge (int) or one size per spatial dimension.
+        num_timesteps: T.
+        timestep: fixed t in [0, T) (e.g. 50 for feature extraction); None draws t uniformly in [0, T) per call.
+        fill_value: value of masked pixels (0 = mid-grey in [-1, 1]).
+        pad: allow sizes not divisible by the patch size (partial border patches), see :class:`PatchMasking`.
+
+    After a call, ``self.timestep`` holds the t used and ``self.keep`` the boolean keep mask (1, *spatial).
+    """
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __init__(
+        self,
+        patch_size: int | Sequence[int] = 8,
+        num_timesteps: int = 1000,
+        timestep: int | None = None,
+        fill_value: float = 0.0,
+        pad: bool = False,
+    ) -> None:
+        self.masking = PatchMasking(patch_size=patch_size, num_timesteps=num_timesteps, fill_value=fill_value, pad=pad)
+        if timestep is not None and not 0 <= int(timestep) < self.masking.num_timesteps:
+            raise ValueError(f"timestep must lie in [0, {self.masking.num_timesteps}), got {timestep}.")
+        self.fixed_timestep = None if timestep is None else int(timestep)
+        self.timestep: int | None = self.fixed_timestep
+        self.keep: torch.Tensor | None = None
+
+    def randomize(self, data: NdarrayOrTensor) -> None:
+        """Draw t (unless fixed) and the keep mask for an image shaped like ``data`` (C, *spatial)."""
+        t = self.fixed_timestep
+        if t is None:
+            t = int(self.R.randint(0, self.masking.num_timesteps))
+        generator = torch.Generator().manual_seed(int(self.R.randint(0, 2**31 - 1)))
+        device = data.device if isinstance(data, torch.Tensor) else torch.device("cpu")
+        keep = self.masking.keep_mask(data.shape[1:], torch.tensor([t]), device=device, generator=generator)
+        self.timestep = t
+        self.keep = keep[0]
+
+    def __call__(self, img: NdarrayOrTensor, randomize: bool = True) -> NdarrayOrTensor:
+        """Mask ``img``; ``randomize=False`` replays the last t and mask (same spatial shape required)."""
+        img_t = convert_to_tensor(img, track_meta=False)
+        if img_t.ndim < 2:
+            raise ValueError(f"expected a channel-first image (C, *spatial), got shape {tuple(img_t.shape)}.")
+        if randomize:
+            self.randomize(img_t)
+        if self.keep is None:
+            raise RuntimeError("call randomize() (or the transform with randomize=True) first.")
+        if tuple(self.keep.shape[1:]) != tuple(img_t.shape[1:]):
+            raise ValueError(
+                f"stored mask has spatial shape {tuple(self.keep.shape[1:])}, image has {tuple(img_t.shape[1:])}."
+            )
+        out = img_t.masked_fill(~self.keep.to(img_t.device), self.masking.fill_value)
+        return convert_to_dst_type(out, dst=img)[0]
+
+
+def _filename(img: NdarrayOrTensor) -> str:
+    if isinstance(img, MetaTensor):
+        name = img.meta.get("filename_or_obj")
+        if name is not None:
+            return str(name)
+    return "<unknown file>"
+
+
+class EnsureRGB(Transform):
+    """Make a channel-first image 3-channel RGB, so grayscale or RGBA files in a histology set do not break the network.
+
+    1 channel (gray) is repeated; 2 channels (gray + alpha) and 4 channels (RGBA) are alpha-composited over
+    white, because transparent regions of slide tiles are background and slide background is white.
+    ``max_value`` is the white level / full opacity: None means the dtype maximum for integer images, and for
+    float images 255 if any value exceeds 1 (MONAI's LoadImage gives float 0..255) else 1.
+    3 channels pass through. The first conversion in the process emits a warning naming the file (only once,
+    so large datasets do not flood the log); other channel counts raise ValueError naming the file.
+    """
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+    _warned: bool = False  # once per process, shared by all instances
+
+    def __init__(self, max_value: float | None = None) -> None:
+        self.max_value = max_value
+
+    def _white(self, img: torch.Tensor) -> float:
+        if self.max_value is not None:
+            return float(self.max_value)
+        if img.dtype == torch.bool:
+            return 1.0
+        if not img.dtype.is_floating_point:
+            return float(torch.iinfo(img.dtype).max)
+        return 255.0 if img.numel() > 0 and float(img.max()) > 1.0 else 1.0
+
+    def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
+        channels = img.shape[0] if img.ndim > 0 else 0
+        if channels == 3:
+            return img
+        if img.ndim < 2 or channels not in (1, 2, 4):
+            raise ValueError(
+                f"EnsureRGB expects a channel-first image with 1, 2, 3 or 4 channels, got shape "
+                f"{tuple(img.shape)} for file {_filename(img)}."
+            )
+        x = convert_to_tensor(img, track_meta=False)
+        if channels == 1:
+            out = x.expand(3, *x.shape[1:]).clone()
+            kind = "grayscale"
+        else:
+            white = self._white(x)
+            xf = x.to(torch.float32) if not x.dtype.is_floating_point else x
+            color = xf[:1].expand(3, *xf.shape[1:]) if channels == 2 else xf[:3]
+            alpha = (xf[-1:] / white).clamp(0.0, 1.0)
+            out = color * alpha + white * (1.0 - alpha)
+            if not x.dtype.is_floating_point:
+                out = out.round()
+            kind = "grayscale+alpha" if channels == 2 else "RGBA"
+        if not EnsureRGB._warned:
+            EnsureRGB._warned = True
+            warnings.warn(
+                f"EnsureRGB converted a {kind} image ({channels}-channel) to RGB for file {_filename(img)}; "
+                "further conversions are not reported.",
+                stacklevel=2,
+            )
+        return convert_to_dst_type(out, dst=img, dtype=img.dtype)[0]

@@ -1,0 +1,189 @@
+"""Batched image corruptions for diffusion-style training and feature extraction.
+
+The corruption is pluggable because the rest of the pipeline (trainer, feature extractor) only needs
+"corrupt this batch at these timesteps": MDM masks patches, a DDPM baseline adds Gaussian noise, and
+mixtures of the two can be added later without touching the engines.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["Corruption", "PatchMasking", "patch_grid_shape", "patch_keep_mask"]
+
+
+def _ensure_tuple_dim(patch_size: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    """Expand an int patch size to one size per spatial dimension (cubic patches)."""
+    if isinstance(patch_size, int):
+        sizes = (patch_size,) * ndim
+    else:
+        sizes = tuple(int(p) for p in patch_size)
+        if len(sizes) == 1:
+            sizes = sizes * ndim
+        if len(sizes) != ndim:
+            raise ValueError(f"patch_size {tuple(patch_size)} does not match {ndim} spatial dimensions.")
+    if any(p < 1 for p in sizes):
+        raise ValueError(f"patch_size must be positive, got {sizes}.")
+    return sizes
+
+
+def patch_grid_shape(
+    spatial_shape: Sequence[int], patch_size: int | Sequence[int], pad: bool = False
+) -> tuple[int, ...]:
+    """Number of patches along each spatial dimension.
+
+    Without ``pad`` every size must be a multiple of the patch size, so that all patches are whole and
+    the masked fraction is exactly t/T in pixels too. With ``pad=True`` the grid is rounded up and the
+    last patch along a dimension is partial (cropped at the border).
+    """
+    spatial_shape = tuple(int(s) for s in spatial_shape)
+    sizes = _ensure_tuple_dim(patch_size, len(spatial_shape))
+    if not pad:
+        for dim, (s, p) in enumerate(zip(spatial_shape, sizes)):
+            if s % p != 0:
+                raise ValueError(
+                    f"spatial size {s} (dimension {dim} of shape {spatial_shape}) is not divisible by the "
+                    f"patch size {p}; crop/resize the image or pass pad=True to allow partial border patches."
+                )
+    return tuple(math.ceil(s / p) for s, p in zip(spatial_shape, sizes))
+
+
+def patch_keep_mask(
+    spatial_shape: Sequence[int],
+    timesteps: torch.Tensor,
+    patch_size: int | Sequence[int] = 8,
+    num_timesteps: int = 1000,
+    pad: bool = False,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pixel-level keep mask ``(B, 1, *spatial)`` (True = kept) for a batch of timesteps, in one vectorised call.
+
+    For sample b with L patches exactly ``(L * (T - t_b)) // T`` = floor(L * (1 - t_b / T)) patches are kept
+    (integer arithmetic, so no float rounding), chosen uniformly at random: the patches with the smallest
+    random scores are kept. With a generator, scores are drawn on the generator's device and moved, so a
+    CPU generator gives the same mask whatever ``device`` is.
+    """
+    spatial_shape = tuple(int(s) for s in spatial_shape)
+    sizes = _ensure_tuple_dim(patch_size, len(spatial_shape))
+    grid = patch_grid_shape(spatial_shape, sizes, pad)
+    num_patches = math.prod(grid)
+
+    if device is None:
+        device = timesteps.device if isinstance(timesteps, torch.Tensor) else torch.device("cpu")
+    t = torch.as_tensor(timesteps, device=device)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"timesteps must be integers, got dtype {t.dtype}.")
+    if t.ndim != 1:
+        raise ValueError(f"timesteps must have shape (B,), got {tuple(t.shape)}.")
+    t = t.long()
+    if t.numel() > 0 and bool(((t < 0) | (t >= num_timesteps)).any()):
+        raise ValueError(
+            f"timesteps must lie in [0, {num_timesteps}), got min {int(t.min())} and max {int(t.max())}."
+        )
+    batch = t.shape[0]
+
+    n_keep = (num_patches * (num_timesteps - t)) // num_timesteps  # (B,)
+    if generator is None:
+        scores = torch.rand(batch, num_patches, device=device)
+    else:
+        scores = torch.rand(batch, num_patches, device=generator.device, generator=generator).to(device)
+    order = scores.argsort(dim=1)  # a uniformly random permutation of the patches per sample
+    keep_in_order = torch.arange(num_patches, device=device).unsqueeze(0) < n_keep.unsqueeze(1)
+    keep = torch.zeros_like(keep_in_order).scatter_(1, order, keep_in_order)  # (B, L)
+
+    # patch grid -> pixels: interleave a size-p axis after every grid axis, expand, merge, crop the border
+    keep = keep.view(batch, 1, *[g for g_ in grid for g in (g_, 1)])
+    keep = keep.expand(batch, 1, *[v for g, p in zip(grid, sizes) for v in (g, p)])
+    keep = keep.reshape(batch, 1, *[g * p for g, p in zip(grid, sizes)])
+    if any(g * p != s for g, p, s in zip(grid, sizes, spatial_shape)):
+        keep = keep[(slice(None), slice(None), *[slice(0, s) for s in spatial_shape])]
+    return keep
+
+
+class Corruption(ABC):
+    """Corrupts a whole batch at per-sample timesteps.
+
+    Pluggable so that training and feature extraction do not care which corruption is used: patch masking
+    (MDM) now, Gaussian noise (the DDPM baseline) or mixtures later. Implementations must be vectorised
+    over the batch and stay on the images' device.
+    """
+
+    num_timesteps: int
+
+    @abstractmethod
+    def __call__(
+        self, images: torch.Tensor, timesteps: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Return the corrupted ``images`` (B, C, *spatial) at ``timesteps`` (B,) in [0, num_timesteps)."""
+        raise NotImplementedError
+
+
+class PatchMasking(Corruption):
+    """MDM corruption: blank a fraction t/T of non-overlapping patches, chosen uniformly per sample.
+
+    Args:
+        patch_size: patch edge (int, cubic patches) or one size per spatial dimension; works for 2D and 3D.
+        num_timesteps: T; timesteps must lie in [0, T).
+        fill_value: value of masked pixels; 0 is mid-grey for images scaled to [-1, 1].
+        pad: allow spatial sizes that are not multiples of the patch size; the patch grid is then rounded
+            up and border patches are partial (they count as whole patches in the kept-patch count, so the
+            masked pixel fraction is only approximately t/T).
+    """
+
+    def __init__(
+        self,
+        patch_size: int | Sequence[int] = 8,
+        num_timesteps: int = 1000,
+        fill_value: float = 0.0,
+        pad: bool = False,
+    ) -> None:
+        if int(num_timesteps) < 1:
+            raise ValueError(f"num_timesteps must be positive, got {num_timesteps}.")
+        if not isinstance(patch_size, int):
+            patch_size = tuple(int(p) for p in patch_size)
+        self.patch_size = patch_size
+        self.num_timesteps = int(num_timesteps)
+        self.fill_value = fill_value
+        self.pad = pad
+
+    def keep_mask(
+        self,
+        spatial_shape: Sequence[int],
+        timesteps: torch.Tensor,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Boolean keep mask ``(B, 1, *spatial_shape)``, True where pixels are kept."""
+        return patch_keep_mask(
+            spatial_shape,
+            timesteps,
+            patch_size=self.patch_size,
+            num_timesteps=self.num_timesteps,
+            pad=self.pad,
+            device=device,
+            generator=generator,
+        )
+
+    def __call__(
+        self, images: torch.Tensor, timesteps: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        if images.ndim < 3:
+            raise ValueError(f"images must have shape (B, C, *spatial), got {tuple(images.shape)}.")
+        timesteps = torch.as_tensor(timesteps, device=images.device)
+        if timesteps.ndim != 1 or timesteps.shape[0] != images.shape[0]:
+            raise ValueError(
+                f"timesteps must have shape ({images.shape[0]},) to match the batch, got {tuple(timesteps.shape)}."
+            )
+        keep = self.keep_mask(images.shape[2:], timesteps, images.device, generator)
+        return images.masked_fill(~keep, self.fill_value)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(patch_size={self.patch_size}, num_timesteps={self.num_timesteps}, "
+            f"fill_value={self.fill_value}, pad={self.pad})"
+        )
