@@ -273,6 +273,8 @@ def guided_diffusion_config_to_kwargs(config: Mapping[str, Any]) -> dict[str, An
     heads_up = int(cfg.get("num_heads_upsample", -1))
     if num_head_channels == -1 and heads_up not in (-1, num_heads):
         raise NotImplementedError("num_heads_upsample different from num_heads is not supported.")
+    if "model_channels" not in cfg and "num_channels" not in cfg:
+        raise ValueError("the guided-diffusion config needs model_channels (or num_channels, its script name).")
     image_size = cfg.get("image_size")
     image_size = int(image_size) if image_size is not None else None
     out_channels = int(cfg.get("out_channels", 3))
@@ -298,6 +300,7 @@ def guided_diffusion_config_to_kwargs(config: Mapping[str, Any]) -> dict[str, An
 
 def _unwrap_state_dict(obj: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any] | None]:
     """Return (state_dict, embedded config or None), looking one level into common checkpoint wrappers."""
+
     def looks_raw(d: Mapping[str, Any]) -> bool:
         return any(str(k).startswith(("time_embed.", "module.time_embed.")) for k in d)
 
