@@ -8,6 +8,23 @@ from typing import Any
 # name -> submodule; resolved on first access so that ``python -m monai_mdm.data.synthetic``
 # does not import its own module twice
 _EXPORTS = {
+    "LoadInstanceMaskD": "instances",
+    "LoadInstanceMaskDict": "instances",
+    "LoadInstanceMaskd": "instances",
+    "budget_count": "budget",
+    "budget_record": "budget",
+    "glas_datalist": "glas",
+    "image_folder_datalist": "folder",
+    "image_size": "instances",
+    "make_sample": "synthetic",
+    "monuseg_datalist": "monuseg",
+    "natural_sort_key": "instances",
+    "preprocessed_datalist": "preprocessed",
+    "rasterize_monuseg_xml": "monuseg",
+    "read_glas_grades": "glas",
+    "read_instance_map": "instances",
+    "read_monuseg_polygons": "monuseg",
+    "select_labelled": "budget",
     "synthesize_tile": "synthetic",
     "write_demo_data": "synthetic",
     "write_glas": "synthetic",

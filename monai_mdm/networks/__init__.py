@@ -2,5 +2,8 @@
 
 from .mdm_unet import MDMUNet, guided_diffusion_config_to_kwargs, timestep_embedding
 from .presets import PRESETS
+from .features import MDMFeatureExtractor
+from .pixel_head import PixelHeadEnsemble, PixelMLPHead
 
 __all__ = ["MDMUNet", "PRESETS", "guided_diffusion_config_to_kwargs", "timestep_embedding"]
+__all__ += ["MDMFeatureExtractor", "PixelMLPHead", "PixelHeadEnsemble"]

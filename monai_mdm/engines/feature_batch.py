@@ -1,0 +1,125 @@
+"""Prepare-batch callables that turn a batch into ``(features, labels)`` for training a pixel head.
+
+With MONAI's ``SupervisedTrainer(network=head, loss_function=torch.nn.CrossEntropyLoss(ignore_index=255),
+prepare_batch=...)`` the stock iteration computes ``loss(head(features), labels)``; the frozen extractor lives in
+the prepare-batch object, outside the trained network, so the optimiser and checkpoints only see the head.
+
+Label convention: labels come back as (B, *spatial) int64 (channel dim dropped), which is what
+``torch.nn.CrossEntropyLoss`` wants; pixels without a label carry ``ignore_index`` (255, as in the FFHQ-34 /
+CelebA-19 maps and in the cache's padding), so use ``CrossEntropyLoss(ignore_index=255)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from monai.engines.utils import PrepareBatch
+from monai.utils import CommonKeys
+
+from monai_mdm.networks.features import MDMFeatureExtractor
+
+__all__ = ["CachedFeaturePrepareBatch", "OnlineFeaturePrepareBatch"]
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    return x.as_tensor() if hasattr(x, "as_tensor") else x
+
+
+def _labels(batch: Mapping[str, Any], key: str, device: Any, non_blocking: bool) -> torch.Tensor:
+    if key not in batch:
+        raise KeyError(f"batch has no key '{key}' (keys: {sorted(batch)}).")
+    labels = _plain(torch.as_tensor(batch[key]))
+    if labels.is_floating_point():
+        labels = labels.round()
+    labels = labels.to(device=device, non_blocking=non_blocking).long()
+    if labels.ndim >= 3 and labels.shape[1] == 1:
+        labels = labels.squeeze(1)  # (B, 1, *spatial) -> (B, *spatial) for CrossEntropyLoss
+    return labels
+
+
+class CachedFeaturePrepareBatch(PrepareBatch):
+    """Batch of :class:`~monai_mdm.engines.feature_cache.FeatureCache` items -> (normalised features, labels).
+
+    The cached native-resolution blocks are moved to ``device``, upsampled to the label size, concatenated and
+    divided by the stored float32 norms (so fp16 caching does not change the normalisation).
+
+    Args:
+        extractor: the extractor that filled the cache (only its assembly settings are used here).
+        blocks_key / label_key / norm_key: keys of the collated batch.
+        ignore_index: label value that the loss must ignore (documented convention; labels pass unchanged).
+    """
+
+    def __init__(
+        self,
+        extractor: MDMFeatureExtractor,
+        blocks_key: str = "blocks",
+        label_key: str = CommonKeys.LABEL,
+        norm_key: str = "norm",
+        ignore_index: int = 255,
+    ) -> None:
+        self.extractor = extractor
+        self.blocks_key, self.label_key, self.norm_key = blocks_key, label_key, norm_key
+        self.ignore_index = int(ignore_index)
+
+    def __call__(
+        self,
+        batchdata: Mapping[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(batchdata, Mapping) or self.blocks_key not in batchdata:
+            raise KeyError(f"expected a dict batch with '{self.blocks_key}' (collated FeatureCache items).")
+        blocks = [_plain(b).to(device=device, non_blocking=non_blocking) for b in batchdata[self.blocks_key]]
+        labels = _labels(batchdata, self.label_key, device, non_blocking)
+        norms = batchdata.get(self.norm_key)
+        if norms is not None:
+            norms = _plain(torch.as_tensor(norms)).to(device=device, non_blocking=non_blocking).reshape(-1)
+        features = self.extractor.assemble(blocks, labels.shape[1:], norms=norms)
+        return features, labels
+
+
+class OnlineFeaturePrepareBatch(PrepareBatch):
+    """Batch of image crops -> (features computed now, labels), as the reference does on every iteration.
+
+    Slower than the cache (one frozen UNet forward per batch) but sees a new crop and a new mask every step.
+    The extractor is moved to the trainer's device on each call (a no-op once it is there).
+
+    Args:
+        extractor: the frozen feature extractor.
+        image_key / label_key: keys of the batch dict.
+        seed_key: optional key of per-image corruption seeds (e.g. ``"mask_seed"``); without it the extractor's
+            own ``seed`` setting applies.
+        ignore_index: label value that the loss must ignore (documented convention; labels pass unchanged).
+    """
+
+    def __init__(
+        self,
+        extractor: MDMFeatureExtractor,
+        image_key: str = CommonKeys.IMAGE,
+        label_key: str = CommonKeys.LABEL,
+        seed_key: str | None = None,
+        ignore_index: int = 255,
+    ) -> None:
+        self.extractor = extractor
+        self.image_key, self.label_key, self.seed_key = image_key, label_key, seed_key
+        self.ignore_index = int(ignore_index)
+
+    def __call__(
+        self,
+        batchdata: Mapping[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(batchdata, Mapping) or self.image_key not in batchdata:
+            raise KeyError(f"expected a dict batch with '{self.image_key}'.")
+        images = _plain(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking).float()
+        labels = _labels(batchdata, self.label_key, device, non_blocking)
+        if device is not None:
+            self.extractor.to(device)
+        seeds = batchdata.get(self.seed_key) if self.seed_key is not None else None
+        features = self.extractor(images, seeds)
+        return features, labels

@@ -1,0 +1,206 @@
+"""Training data for the pixel head: frozen features of random crops, computed once and kept in memory.
+
+The reference recomputes the features of a fresh crop every iteration (one UNet forward per crop per step);
+DDPM-seg keeps every pixel's upsampled features (~210 GB for 50 images). This cache sits in between: a fixed
+number of random crops per labelled image, stored at the blocks' native resolution (fp16 by default), upsampled
+only when a batch is assembled (:class:`~monai_mdm.engines.feature_batch.CachedFeaturePrepareBatch`).
+
+Memory per crop = sum over blocks of ``C_b * prod(crop / downsample_b)`` elements x 2 bytes (fp16) + the label crop
+(1 byte per pixel for labels in 0..255) + a few bytes. For the paper network, blocks 8..12 and 256 x 256 crops the
+blocks are 3 x 384 x 64^2 + 384 x 128^2 + 192 x 128^2 = 14.2 M values = 28.3 MB fp16 (the assembled float32 map
+would be 1728 x 256^2 x 4 B = 453 MB); 8 GlaS images x 16 crops = 3.6 GB. Use :meth:`FeatureCache.bytes_per_crop`
+to plan before computing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.utils import CommonKeys
+from torch.utils.data import Dataset
+
+from monai_mdm.networks.features import MDMFeatureExtractor
+
+__all__ = ["FeatureCache"]
+
+
+def _as_tensor(x: Any) -> torch.Tensor:
+    if hasattr(x, "as_tensor"):
+        x = x.as_tensor()
+    return torch.as_tensor(x)
+
+
+class FeatureCache(Dataset):
+    """In-memory dataset of cached features for ``crops_per_image`` random crops of each labelled image.
+
+    Items are dicts (collatable by a plain ``torch.utils.data.DataLoader``)::
+
+        {"blocks": [C_b x *native_b per block] (fp16 or fp32), "label": (1, *crop) uint8/int64 tensor,
+         "norm": () float32 L2 norm of the crop's float32 assembled features, "mask_seed": () int64,
+         "image_index": () int64}
+
+    Args:
+        extractor: the frozen feature extractor.
+        data: a sequence of ``(image (C, *spatial) in [-1, 1], label (1, *spatial) int)`` pairs, or a dataset
+            (e.g. MONAI's) whose items are such pairs or dicts with ``image_key`` / ``label_key``.
+        crop_size: crop edge (int) or one size per spatial dim; must be a multiple of ``extractor.size_multiple``.
+            Images smaller than the crop are padded (image with 0, label with ``ignore_index``).
+        crops_per_image: how many random crops to cache per image.
+        fp16: store the blocks in float16 (half the memory; the stored norms stay exact float32).
+        seed: seeds the crop positions and, with ``vary_masks``, the per-crop corruption seeds.
+        vary_masks: give each crop its own corruption seed (stored as ``mask_seed``) so the head sees many mask
+            patterns, as in the reference's training; otherwise every crop uses the extractor's own setting.
+        batch_size: crops per extractor call.
+        device: where the extractor runs (default: where its parameters are); the cache is kept on CPU.
+        ignore_index: label value for padded pixels (and the convention for "no label").
+        image_key / label_key: keys when the items are dicts.
+    """
+
+    def __init__(
+        self,
+        extractor: MDMFeatureExtractor,
+        data: Iterable[Any],
+        crop_size: int | Sequence[int] = 256,
+        crops_per_image: int = 16,
+        fp16: bool = True,
+        seed: int = 0,
+        vary_masks: bool = True,
+        batch_size: int = 4,
+        device: str | torch.device | None = None,
+        ignore_index: int = 255,
+        image_key: str = CommonKeys.IMAGE,
+        label_key: str = CommonKeys.LABEL,
+    ) -> None:
+        nd = extractor.spatial_dims
+        size = (int(crop_size),) * nd if isinstance(crop_size, int) else tuple(int(c) for c in crop_size)
+        if len(size) != nd:
+            raise ValueError(f"crop_size {size} does not match the network's {nd} spatial dims.")
+        m = extractor.size_multiple
+        if any(s % m for s in size):
+            raise ValueError(f"crop_size {size} must be a multiple of {m} (network size divisor and patch size).")
+        if crops_per_image < 1:
+            raise ValueError(f"crops_per_image must be positive, got {crops_per_image}.")
+        self.extractor = extractor
+        self.crop_size = size
+        self.crops_per_image = int(crops_per_image)
+        self.fp16 = fp16
+        self.ignore_index = int(ignore_index)
+        self.image_key, self.label_key = image_key, label_key
+        device = torch.device(device) if device is not None else next(extractor.parameters()).device
+        gen = torch.Generator().manual_seed(int(seed))
+
+        # (image index, crop start per dim, corruption seed or -1) per cached crop
+        self.crops: list[tuple[int, tuple[int, ...], int]] = []
+        self.blocks: list[list[torch.Tensor]] = []
+        self.labels: list[torch.Tensor] = []
+        self.norms: list[torch.Tensor] = []
+        pending: list[tuple[torch.Tensor, int]] = []
+
+        for index, item in enumerate(self._iterate(data)):
+            image, label = self._pair(item)
+            image, label = self._pad(image, label)
+            for _ in range(self.crops_per_image):
+                start = tuple(
+                    int(torch.randint(0, s - c + 1, (1,), generator=gen)) for s, c in zip(image.shape[1:], size)
+                )
+                mask_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) if vary_masks else -1
+                window = tuple(slice(a, a + c) for a, c in zip(start, size))
+                self.crops.append((index, start, mask_seed))
+                lab = label[(slice(None), *window)]
+                self.labels.append(lab.to(torch.uint8) if lab.min() >= 0 and lab.max() <= 255 else lab.long())
+                pending.append((image[(slice(None), *window)], mask_seed))
+                if len(pending) == batch_size:
+                    self._compute(pending, device)
+                    pending = []
+        if pending:
+            self._compute(pending, device)
+        if not self.crops:
+            raise ValueError("no labelled images were given.")
+
+    # ------------------------------------------------------------------ building
+
+    @staticmethod
+    def _iterate(data: Iterable[Any]) -> Iterable[Any]:
+        if hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+            return (data[i] for i in range(len(data)))  # type: ignore[index]
+        return iter(data)
+
+    def _pair(self, item: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(item, Mapping):
+            image, label = item[self.image_key], item[self.label_key]
+        else:
+            image, label = item
+        image, label = _as_tensor(image).float(), _as_tensor(label)
+        nd = self.extractor.spatial_dims
+        if image.ndim != nd + 1:
+            raise ValueError(f"images must be (C, *spatial) with {nd} spatial dims, got {tuple(image.shape)}.")
+        if label.ndim == nd:
+            label = label.unsqueeze(0)
+        if label.shape[1:] != image.shape[1:] or label.shape[0] != 1:
+            raise ValueError(f"label {tuple(label.shape)} does not match image {tuple(image.shape)} (want (1, *spatial)).")
+        if label.is_floating_point():
+            label = label.round()
+        return image, label.long()
+
+    def _pad(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        short = [max(c - s, 0) for s, c in zip(image.shape[1:], self.crop_size)]
+        if not any(short):
+            return image, label
+        pad: list[int] = []
+        for d in reversed(short):
+            pad += [d // 2, d - d // 2]
+        return F.pad(image, pad, value=0.0), F.pad(label, pad, value=self.ignore_index)
+
+    def _compute(self, pending: list[tuple[torch.Tensor, int]], device: torch.device) -> None:
+        images = torch.stack([p[0] for p in pending]).to(device)
+        seeds = [p[1] for p in pending]
+        seeds_arg = seeds if all(s >= 0 for s in seeds) else None
+        blocks = self.extractor.extract_blocks(images, seeds_arg)
+        norms = self.extractor.assemble_norms(blocks, self.crop_size).float().cpu()
+        dtype = torch.float16 if self.fp16 else torch.float32
+        for i in range(len(pending)):
+            self.blocks.append([b[i].to(dtype).cpu().clone() for b in blocks])
+            self.norms.append(norms[i])
+
+    # ------------------------------------------------------------------ dataset protocol
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image_index, _, mask_seed = self.crops[index]
+        return {
+            "blocks": list(self.blocks[index]),
+            CommonKeys.LABEL: self.labels[index],
+            "norm": self.norms[index],
+            "mask_seed": torch.tensor(mask_seed, dtype=torch.long),
+            "image_index": torch.tensor(image_index, dtype=torch.long),
+        }
+
+    def crop_slices(self, index: int) -> tuple[int, tuple[slice, ...]]:
+        """``(image index, spatial slices)`` of a cached crop, in the (padded) image's coordinates."""
+        image_index, start, _ = self.crops[index]
+        return image_index, tuple(slice(a, a + c) for a, c in zip(start, self.crop_size))
+
+    # ------------------------------------------------------------------ memory
+
+    def nbytes(self) -> int:
+        """Bytes held by the cached blocks, labels and norms."""
+        total = 0
+        for blocks, label, norm in zip(self.blocks, self.labels, self.norms):
+            total += sum(b.numel() * b.element_size() for b in blocks)
+            total += label.numel() * label.element_size() + norm.numel() * norm.element_size()
+        return total
+
+    @staticmethod
+    def bytes_per_crop(extractor: MDMFeatureExtractor, crop_size: int | Sequence[int], fp16: bool = True) -> int:
+        """Planned bytes of one cached crop (blocks + uint8 label + norm), without running the network."""
+        nd = extractor.spatial_dims
+        size = (int(crop_size),) * nd if isinstance(crop_size, int) else tuple(int(c) for c in crop_size)
+        per_value = 2 if fp16 else 4
+        blocks = sum(math.prod(shape) for shape in extractor.native_shapes(size)) * per_value
+        return blocks + math.prod(size) + 4

@@ -1,0 +1,226 @@
+"""MDM few-shot segmenter: frozen feature extractor + pixel head as one ``nn.Module``, savable in one file.
+
+The module maps images to class scores, so MONAI's ``SlidingWindowInferer`` (256 px windows, overlap 0.2,
+Gaussian blending, as in the paper) can run it over whole slides. Use windows of the size the head was trained
+on: the per-image L2 normalisation makes features depend on the image area, so a head trained on 256 x 256 crops
+should also see 256 x 256 windows.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.inferers import SlidingWindowInferer
+from torch import nn
+
+from monai_mdm.networks.features import MDMFeatureExtractor
+from monai_mdm.networks.mdm_unet import MDMUNet
+from monai_mdm.networks.pixel_head import PixelHeadEnsemble, PixelMLPHead
+from monai_mdm.transforms.corruption import Corruption, PatchMasking
+from monai_mdm.utils import atomic_torch_save
+
+__all__ = ["MDMSegmenter", "make_sliding_window_inferer"]
+
+_FORMAT = "monai_mdm.segmenter"
+_VERSION = 1
+_UNSET = object()
+
+
+def make_sliding_window_inferer(
+    roi_size: int | Sequence[int] = 256, overlap: float = 0.2, sw_batch_size: int = 4, **kwargs: Any
+) -> SlidingWindowInferer:
+    """The paper's inference: windows of ``roi_size``, ``overlap``, Gaussian blending.
+
+    MONAI pads images smaller than the window (centred, constant 0 = mid-grey for [-1, 1] images) and crops the
+    output back, so every window the segmenter sees has exactly ``roi_size``. Extra ``kwargs`` go to
+    :class:`monai.inferers.SlidingWindowInferer` (e.g. ``sw_device``, ``device``, ``progress``).
+    """
+    kwargs.setdefault("mode", "gaussian")
+    kwargs.setdefault("padding_mode", "constant")
+    kwargs.setdefault("cval", 0.0)
+    return SlidingWindowInferer(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, **kwargs)
+
+
+def _corruption_to_dict(corruption: Corruption | None) -> dict[str, Any] | None:
+    if corruption is None:
+        return None
+    if isinstance(corruption, PatchMasking):
+        ps = corruption.patch_size
+        return {
+            "type": "PatchMasking",
+            "patch_size": ps if isinstance(ps, int) else list(ps),
+            "num_timesteps": corruption.num_timesteps,
+            "fill_value": float(corruption.fill_value),
+            "pad": bool(corruption.pad),
+        }
+    return {"type": f"{type(corruption).__module__}.{type(corruption).__qualname__}", "repr": repr(corruption)}
+
+
+def _corruption_from_dict(data: Mapping[str, Any] | None, source: str) -> Corruption | None:
+    if data is None:
+        return None
+    if data.get("type") == "PatchMasking":
+        return PatchMasking(data["patch_size"], data["num_timesteps"], data.get("fill_value", 0.0), data.get("pad", False))
+    raise ValueError(
+        f"{source}: the features were computed with the corruption {data.get('repr', data.get('type'))}, which "
+        "cannot be rebuilt from the file; pass it to MDMSegmenter.load(..., corruption=...)."
+    )
+
+
+def _check_widths(extractor: MDMFeatureExtractor, head: PixelHeadEnsemble, source: str) -> None:
+    if head.in_channels != extractor.out_channels:
+        raise ValueError(
+            f"{source}: the pixel head expects {head.in_channels}-channel features, but the feature extractor "
+            f"gives {extractor.out_channels} channels (decoder blocks {list(extractor.blocks)} of a network with "
+            f"decoder_channels {list(extractor.network.decoder_channels)}). The head was probably trained on "
+            "other decoder blocks or on features of another network preset; use the blocks and network it was "
+            "trained with."
+        )
+
+
+class MDMSegmenter(nn.Module):
+    """Images (B, C, *spatial) in [-1, 1] -> class scores (B, classes, *spatial), blendable by a sliding window.
+
+    Args:
+        extractor: the frozen :class:`MDMFeatureExtractor`.
+        head: a :class:`PixelHeadEnsemble`, or a single :class:`PixelMLPHead` (wrapped in a one-head ensemble,
+            so the scores are softmax probabilities).
+        class_names: optional names, one per class, stored with the model.
+        pad_to_multiple: zero-pad inputs whose size is not a multiple of ``extractor.size_multiple`` and crop
+            the scores back (sliding windows of a suitable size never need it).
+    """
+
+    def __init__(
+        self,
+        extractor: MDMFeatureExtractor,
+        head: PixelHeadEnsemble | PixelMLPHead,
+        class_names: Sequence[str] | None = None,
+        pad_to_multiple: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(head, PixelMLPHead):
+            head = PixelHeadEnsemble.from_heads([head])
+        _check_widths(extractor, head, "MDMSegmenter")
+        if class_names is not None:
+            class_names = [str(c) for c in class_names]
+            if len(class_names) != head.num_classes:
+                raise ValueError(f"{len(class_names)} class names for a head with {head.num_classes} classes.")
+        self.extractor = extractor
+        self.head = head
+        self.class_names = class_names
+        self.pad_to_multiple = pad_to_multiple
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        spatial = tuple(int(s) for s in images.shape[2:])
+        m = self.extractor.size_multiple
+        target = tuple(math.ceil(s / m) * m for s in spatial)
+        if target != spatial:
+            if not self.pad_to_multiple:
+                raise ValueError(f"image size {spatial} is not a multiple of {m} and pad_to_multiple is False.")
+            pad: list[int] = []
+            for s, t in zip(reversed(spatial), reversed(target)):
+                pad += [0, t - s]
+            images = F.pad(images, pad, mode="constant", value=0.0)
+        scores = self.head(self.extractor(images))
+        if target != spatial:
+            scores = scores[(slice(None), slice(None), *(slice(0, s) for s in spatial))]
+        return scores
+
+    @torch.no_grad()
+    def segment(self, images: torch.Tensor, inferer: Any = None) -> torch.Tensor:
+        """Label map (B, 1, *spatial): argmax of the scores, through ``inferer`` (e.g. a sliding window) if given."""
+        scores = self(images) if inferer is None else inferer(images, self)
+        return scores.argmax(dim=1, keepdim=True)
+
+    # ------------------------------------------------------------------ persistence
+
+    def to_state(self, include_network: bool = True) -> dict[str, Any]:
+        """Everything needed to rebuild the segmenter (see :meth:`from_state`)."""
+        ex = self.extractor
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "network_config": ex.network.to_guided_diffusion_config(),
+            "network_state": {k: v.detach().cpu() for k, v in ex.network.state_dict().items()} if include_network else None,
+            "features": {
+                "blocks": list(ex.blocks),
+                "timestep": ex.timestep,
+                "seed": ex.seed,
+                "normalize": ex.normalize,
+                "corruption": _corruption_to_dict(ex.corruption),
+                "out_channels": ex.out_channels,
+            },
+            "head": self.head.config(),
+            "head_state": {k: v.detach().cpu() for k, v in self.head.state_dict().items()},
+            "class_names": self.class_names,
+        }
+
+    def save(self, path: str | os.PathLike, include_network: bool = True) -> None:
+        """Write :meth:`to_state` atomically. ``include_network=False`` leaves out the UNet weights (1.2 GB for the
+        paper network); :meth:`load` then needs ``network=``."""
+        atomic_torch_save(self.to_state(include_network), path)
+
+    @classmethod
+    def from_state(
+        cls,
+        state: Mapping[str, Any],
+        network: MDMUNet | None = None,
+        source: str = "segmenter state",
+        **feature_overrides: Any,
+    ) -> MDMSegmenter:
+        """Rebuild from :meth:`to_state`'s dict, in eval mode.
+
+        Args:
+            state: the dict.
+            network: use this UNet instead of the stored config/weights.
+            source: how errors name the origin (the file path when called from :meth:`load`).
+            feature_overrides: replace stored feature settings: ``blocks``, ``timestep``, ``seed``, ``normalize``,
+                ``corruption``.
+        """
+        if state.get("format") != _FORMAT:
+            raise ValueError(f"{source} is not an MDMSegmenter file (format {state.get('format')!r}).")
+        if int(state.get("version", 0)) > _VERSION:
+            raise ValueError(f"{source} was written by a newer monai_mdm (version {state['version']}).")
+        unknown = set(feature_overrides) - {"blocks", "timestep", "seed", "normalize", "corruption"}
+        if unknown:
+            raise TypeError(f"unknown feature settings {sorted(unknown)}.")
+        if network is None:
+            if state.get("network_state") is None:
+                raise ValueError(f"{source} holds no network weights (saved with include_network=False); pass network=.")
+            network = MDMUNet.from_guided_diffusion(state["network_state"], state["network_config"])
+        feats = dict(state["features"])
+        corruption = feature_overrides.pop("corruption", _UNSET)
+        if corruption is _UNSET:
+            corruption = _corruption_from_dict(feats.get("corruption"), source)
+        settings = {k: feats[k] for k in ("blocks", "timestep", "seed", "normalize")}
+        settings.update(feature_overrides)
+        extractor = MDMFeatureExtractor(network, corruption=corruption, **settings)
+        hcfg = dict(state["head"])
+        head = PixelHeadEnsemble(
+            hcfg["in_channels"], hcfg["num_classes"], hcfg.get("num_heads", 1), hcfg["hidden_channels"], hcfg["spatial_dims"]
+        )
+        _check_widths(extractor, head, source)
+        head.load_state_dict(state["head_state"])
+        model = cls(extractor, head, state.get("class_names"))
+        return model.eval()
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        map_location: str | torch.device = "cpu",
+        network: MDMUNet | None = None,
+        **feature_overrides: Any,
+    ) -> MDMSegmenter:
+        """Rebuild a segmenter written by :meth:`save` (see :meth:`from_state` for the arguments)."""
+        state = torch.load(path, map_location=map_location, weights_only=True)
+        return cls.from_state(state, network=network, source=str(path), **feature_overrides)

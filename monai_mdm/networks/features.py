@@ -1,0 +1,263 @@
+"""Frozen MDM decoder features for few-shot segmentation (the paper's Step 2).
+
+The image is corrupted at one fixed timestep, the frozen UNet runs once, the outputs of a few decoder blocks are
+captured with forward hooks, upsampled to the image size, concatenated and divided by one L2 norm per image.
+Extraction is split in two stages (:meth:`MDMFeatureExtractor.extract_blocks` at native resolution, then
+:meth:`MDMFeatureExtractor.assemble`) because the native-resolution blocks are ~16x smaller than the assembled
+map, which makes caching training features affordable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from monai_mdm.networks.mdm_unet import MDMUNet
+from monai_mdm.transforms.corruption import Corruption, PatchMasking
+
+__all__ = ["MDMFeatureExtractor"]
+
+_EPS = 1e-12
+
+
+class _StopForward(Exception):
+    """Raised by the last needed hook so that later decoder blocks and the output head are skipped."""
+
+
+def _upsample(block: torch.Tensor, spatial_size: Sequence[int]) -> torch.Tensor:
+    block = block.float()  # interpolate and norm in float32 even when the network ran in half precision
+    if tuple(block.shape[2:]) == tuple(spatial_size):
+        return block
+    mode = "bilinear" if block.ndim == 4 else "trilinear"
+    return F.interpolate(block, size=tuple(spatial_size), mode=mode, align_corners=False)
+
+
+def _sum_squares(x: torch.Tensor) -> torch.Tensor:
+    return x.square().flatten(1).sum(dim=1)
+
+
+class MDMFeatureExtractor(nn.Module):
+    """Frozen pixel features from decoder blocks of a (pretrained) :class:`MDMUNet`.
+
+    Args:
+        network: the UNet; it is frozen (``requires_grad=False``) and kept in eval mode, even when ``.train()``
+            is called on the extractor, so that the head's trainer cannot switch on dropout in it.
+        blocks: indices into ``network.output_blocks`` (the paper: 8..12 for histology, 5..12 for faces). The
+            channels are concatenated in this order.
+        timestep: t at which the image is corrupted and which the network is told (50 for MDM).
+        corruption: ``"default"`` = ``PatchMasking(8, network.num_timesteps)`` (5 % of 8 x 8 patches blanked at
+            t=50); any :class:`Corruption`; ``None`` = the clean image is used (t is still given to the network).
+        seed: with an int, every image's corruption is drawn from a CPU ``torch.Generator`` seeded with it on
+            each call, so predictions are reproducible and do not depend on the batch an image shares (each
+            image of a given size gets the same mask). ``None`` = fresh randomness per call, as the reference
+            code does (its predictions then vary slightly from run to run).
+        normalize: divide the whole C x H x W map of each image by its L2 norm (one scalar per image).
+    """
+
+    def __init__(
+        self,
+        network: MDMUNet,
+        blocks: Sequence[int] = (8, 9, 10, 11, 12),
+        timestep: int = 50,
+        corruption: Corruption | str | None = "default",
+        seed: int | None = 0,
+        normalize: bool = True,
+    ) -> None:
+        super().__init__()
+        num = len(network.output_blocks)
+        blocks = tuple(blocks)
+        if not blocks:
+            raise ValueError(f"blocks must name at least one decoder block; valid indices are 0..{num - 1}.")
+        bad = [b for b in blocks if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < num]
+        if bad:
+            raise ValueError(
+                f"decoder block indices {bad} are out of range: this network has {num} output blocks, "
+                f"valid indices are 0..{num - 1} (blocks 8..12 need the 18-block 'paper' preset)."
+            )
+        if len(set(blocks)) != len(blocks):
+            raise ValueError(f"blocks {blocks} contain duplicates.")
+        if isinstance(corruption, str):
+            if corruption != "default":
+                raise ValueError(f"corruption must be a Corruption, None or 'default', got {corruption!r}.")
+            corruption = PatchMasking(8, network.num_timesteps)
+        limit = corruption.num_timesteps if corruption is not None else network.num_timesteps
+        if not 0 <= int(timestep) < limit:
+            raise ValueError(f"timestep must lie in [0, {limit}), got {timestep}.")
+        self.network = network
+        self.blocks = blocks
+        self.timestep = int(timestep)
+        self.corruption = corruption
+        self.seed = None if seed is None else int(seed)
+        self.normalize = bool(normalize)
+        network.requires_grad_(False)
+        network.eval()
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def out_channels(self) -> int:
+        """Width of the assembled feature map (1728 for blocks 8..12 of the paper network)."""
+        return sum(self.network.decoder_channels[b] for b in self.blocks)
+
+    @property
+    def block_channels(self) -> list[int]:
+        return [self.network.decoder_channels[b] for b in self.blocks]
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.network.spatial_dims
+
+    @property
+    def size_multiple(self) -> int:
+        """Every input size must be a multiple of this (network downsampling and, unpadded, the mask patches)."""
+        mult = self.network.size_divisor
+        if isinstance(self.corruption, PatchMasking) and not self.corruption.pad:
+            ps = self.corruption.patch_size
+            for p in (ps,) if isinstance(ps, int) else ps:
+                mult = math.lcm(mult, int(p))
+        return mult
+
+    def block_downsample(self, index: int) -> int:
+        """Downsampling factor of ``output_blocks[index]``'s output relative to the input."""
+        per_level = self.network.num_res_blocks + 1
+        level = len(self.network.channel_mult) - 1 - index // per_level
+        if level > 0 and index % per_level == per_level - 1:
+            level -= 1  # the last block of a level ends with the x2 upsampling
+        return 2**level
+
+    def native_shapes(self, spatial_size: Sequence[int]) -> list[tuple[int, ...]]:
+        """(C, *spatial) of each selected block for an input of ``spatial_size``, without running the network."""
+        return [
+            (self.network.decoder_channels[b], *(int(s) // self.block_downsample(b) for s in spatial_size))
+            for b in self.blocks
+        ]
+
+    def train(self, mode: bool = True) -> MDMFeatureExtractor:
+        super().train(mode)
+        self.network.eval()  # frozen: never let a trainer switch dropout on in the backbone
+        return self
+
+    # ------------------------------------------------------------------ stage 1: native blocks
+
+    def corrupt(self, images: torch.Tensor, seeds: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """Corrupt ``images`` at ``self.timestep``; per-image ``seeds`` override the extractor's ``seed``."""
+        if self.corruption is None:
+            return images
+        b = images.shape[0]
+        t = torch.full((b,), self.timestep, dtype=torch.long, device=images.device)
+        if seeds is None and self.seed is None:
+            return self.corruption(images, t)
+        if seeds is None:
+            seeds = [self.seed] * b
+        seeds = [int(s) for s in (seeds.tolist() if torch.is_tensor(seeds) else seeds)]
+        if len(seeds) != b:
+            raise ValueError(f"got {len(seeds)} seeds for a batch of {b} images.")
+        # one generator per image: an image's mask depends on its seed only, not on its place in the batch
+        out = [
+            self.corruption(images[i : i + 1], t[i : i + 1], generator=torch.Generator().manual_seed(s))
+            for i, s in enumerate(seeds)
+        ]
+        return torch.cat(out, dim=0)
+
+    @torch.no_grad()
+    def extract_blocks(
+        self, images: torch.Tensor, seeds: Sequence[int] | torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Native-resolution outputs of the selected blocks, in ``blocks`` order, for images (B, C, *spatial).
+
+        The forward pass stops right after the deepest needed block (a hook raises a private exception), so the
+        remaining decoder blocks and the ``out`` head are never computed.
+        """
+        if images.ndim != self.spatial_dims + 2:
+            raise ValueError(
+                f"expected images (B, C, *spatial) with {self.spatial_dims} spatial dims, got {tuple(images.shape)}."
+            )
+        mult = self.size_multiple
+        if any(int(s) % mult for s in images.shape[2:]):
+            raise ValueError(
+                f"image size {tuple(images.shape[2:])} must be a multiple of {mult} (network size divisor "
+                f"{self.network.size_divisor} and the corruption's patch size); crop or pad the image "
+                f"(MDMSegmenter pads automatically)."
+            )
+        if hasattr(images, "as_tensor"):
+            images = images.as_tensor()  # MetaTensor bookkeeping is of no use here
+        if self.network.training:
+            self.network.eval()
+        x = self.corrupt(images, seeds)
+        captured: dict[int, torch.Tensor] = {}
+        last = max(self.blocks)
+
+        def make_hook(index: int):
+            def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+                captured[index] = output
+                if index == last:
+                    raise _StopForward
+
+            return hook
+
+        handles = [self.network.output_blocks[i].register_forward_hook(make_hook(i)) for i in self.blocks]
+        try:
+            self.network(x, torch.full((x.shape[0],), self.timestep, dtype=torch.long, device=x.device))
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return [captured[i] for i in self.blocks]
+
+    # ------------------------------------------------------------------ stage 2: assemble
+
+    def assemble_norms(self, blocks: Sequence[torch.Tensor], spatial_size: Sequence[int]) -> torch.Tensor:
+        """(B,) L2 norm of each image's assembled map, computed block by block (no concatenated copy).
+
+        Cache it next to low-precision blocks so that the normalisation stays exactly that of float32.
+        """
+        total = None
+        for blk in blocks:
+            s = _sum_squares(_upsample(blk, spatial_size))
+            total = s if total is None else total + s
+        return total.sqrt()
+
+    @torch.no_grad()
+    def assemble(
+        self,
+        blocks: Sequence[torch.Tensor],
+        spatial_size: Sequence[int],
+        norms: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Upsample blocks to ``spatial_size`` (bi/trilinear, align_corners=False), concatenate, normalise.
+
+        Args:
+            blocks: output of :meth:`extract_blocks` (any float dtype; the result is float32).
+            spatial_size: target spatial size (the image size).
+            norms: optional precomputed (B,) norms (see :meth:`assemble_norms`); ignored when ``normalize`` is
+                False.
+        """
+        if len(blocks) != len(self.blocks):
+            raise ValueError(f"expected {len(self.blocks)} blocks (for blocks {self.blocks}), got {len(blocks)}.")
+        spatial_size = tuple(int(s) for s in spatial_size)
+        ups = [_upsample(b, spatial_size) for b in blocks]
+        feats = torch.cat(ups, dim=1)
+        if self.normalize:
+            if norms is None:
+                total = _sum_squares(ups[0])
+                for u in ups[1:]:
+                    total = total + _sum_squares(u)  # same summation order as assemble_norms: identical values
+                norms = total.sqrt()
+            norms = norms.to(device=feats.device, dtype=feats.dtype).clamp_min(_EPS)
+            feats = feats / norms.view(-1, *([1] * (feats.ndim - 1)))
+        return feats
+
+    def forward(self, images: torch.Tensor, seeds: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """Assembled features (B, out_channels, *spatial) of images (B, C, *spatial) in [-1, 1]."""
+        return self.assemble(self.extract_blocks(images, seeds), images.shape[2:])
+
+    def extra_repr(self) -> str:
+        return (
+            f"blocks={self.blocks}, timestep={self.timestep}, corruption={self.corruption!r}, seed={self.seed}, "
+            f"normalize={self.normalize}, out_channels={self.out_channels}"
+        )
