@@ -387,7 +387,14 @@ def run_mask_benchmark(batch: int, size: int, device: torch.device, reps: int, w
         kept = (fn()[:, 0] != 0).flatten(1).sum(1)
         if not torch.equal(kept, expected):
             raise AssertionError(f"{name} kept the wrong number of pixels")
-    return [MaskResult(name, batch, size, time_calls(fn, reps, warmup, device)) for name, fn in methods.items()]
+    # round-robin over the methods in every repetition, so load from other processes hits them alike
+    results = [MaskResult(name, batch, size, []) for name in methods]
+    for rep in range(warmup + reps):
+        for res, fn in zip(results, methods.values()):
+            seconds = time_calls(fn, 1, 0, device)[0]
+            if rep >= warmup:
+                res.times_s.append(seconds)
+    return results
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -412,6 +419,9 @@ def describe_machine(device: torch.device) -> list[str]:
         f"host     : {platform.node()} | {platform.system()} {platform.release()} | CPU {cpu_name}, "
         f"{os.cpu_count()} logical CPUs ({usable} usable), torch threads {torch.get_num_threads()}"
     )
+    if hasattr(os, "getloadavg"):  # other processes on the machine make CPU figures noisy; say how busy it was
+        lines[-1] += f", load average {os.getloadavg()[0]:.2f}"
+
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         lines.append(
@@ -578,7 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
         print(
-            "batched speed-up over the per-sample loops: "
+            "\nbatched speed-up over the per-sample loops: "
             + ", ".join(f"{m.median_ms / base:.1f}x ({m.method.split(': ')[-1]})" for m in mask_results[1:])
         )
         print()

@@ -45,7 +45,7 @@ def test_shape_channels_and_norm(net):
     ex = MDMFeatureExtractor(net, blocks=BLOCKS)
     x = _images()
     f = ex(x)
-    assert ex.out_channels == sum(net.decoder_channels[i] for i in BLOCKS) == 4 * 64 - 64 + 96
+    assert ex.out_channels == sum(net.decoder_channels[i] for i in BLOCKS) == 2 * 64 + 3 * 32
     assert f.shape == (2, ex.out_channels, 32, 48)
     assert torch.allclose(f.flatten(1).norm(dim=1), torch.ones(2), atol=1e-5)
     blocks = ex.extract_blocks(x)

@@ -200,6 +200,44 @@ def test_gland_object_hausdorff_matches_scipy_on_pixel_sets():
         assert gland_object_hausdorff(a, b) == pytest.approx(h)  # one object each: both terms are H
 
 
+def _object_hausdorff_by_the_formula(s, g):
+    """Slow reference: every H from pixel coordinates with scipy, partners exactly as the challenge defines."""
+
+    def h(a, b):
+        pa, pb = np.argwhere(a), np.argwhere(b)
+        return max(directed_hausdorff(pa, pb)[0], directed_hausdorff(pb, pa)[0])
+
+    def side(x, y):  # sum over objects of x of w * H(object, partner in y)
+        ids_x, ids_y = [i for i in np.unique(x) if i], [j for j in np.unique(y) if j]
+        total = 0.0
+        for i in ids_x:
+            xi = x == i
+            overlap = [((y == j) & xi).sum() for j in ids_y]
+            if max(overlap) > 0:
+                d = h(xi, y == ids_y[int(np.argmax(overlap))])
+            else:
+                d = min(h(xi, y == j) for j in ids_y)
+            total += xi.sum() / (x > 0).sum() * d
+        return total
+
+    return 0.5 * (side(g, s) + side(s, g))
+
+
+def test_gland_object_hausdorff_matches_formula_on_random_maps():
+    rng = np.random.default_rng(3)
+
+    def rectangles(n):  # n random rectangles, later ones painted over earlier ones
+        a = np.zeros((20, 20), int)
+        for k in range(1, n + 1):
+            r, c = rng.integers(0, 17, 2)
+            a[r : r + rng.integers(1, 6), c : c + rng.integers(1, 6)] = k
+        return a
+
+    for _ in range(4):
+        g, s = rectangles(5), rectangles(6)
+        assert gland_object_hausdorff(s, g) == pytest.approx(_object_hausdorff_by_the_formula(s, g))
+
+
 def test_gland_object_hausdorff_degenerate():
     empty, g = np.zeros((10, 10), int), box((10, 10), (2, 4), (2, 4))
     assert gland_object_hausdorff(empty, empty) == 0.0
@@ -340,13 +378,13 @@ def test_metric_table_statistics_and_format():
 
 def test_metric_table_csv_json_round_trip(tmp_path):
     t = make_table()
-    csv_path = t.to_csv(tmp_path / "out" / "metrics.csv")
-    json_path = t.to_json(tmp_path / "out" / "metrics.json")
+    csv_path = t.write_csv(tmp_path / "out" / "metrics.csv")
+    json_path = t.write_json(tmp_path / "out" / "metrics.json", extra={"labelled": 8})
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["metrics.csv", "metrics.json"]  # no temp left
     header = csv_path.read_text().splitlines()[0]
     assert header == "name,run,paper_dice,aji"
     doc = json.loads(json_path.read_text())  # valid JSON: the NaN became null
-    assert doc["rows"][1]["aji"] is None
+    assert doc["rows"][1]["aji"] is None and doc["extra"] == {"labelled": 8}
     assert doc["summary"]["paper_dice"]["mean"] == pytest.approx(0.75)
     for back in (MetricTable.from_csv(csv_path), MetricTable.from_json(json_path)):
         assert back.summary() == t.summary()
@@ -357,5 +395,5 @@ def test_metric_table_csv_json_round_trip(tmp_path):
                 assert r1[k] == r2[k] or (isinstance(r1[k], float) and math.isnan(r1[k]) and math.isnan(r2[k]))
     # rewriting replaces the file in place
     t.add("c", paper_dice=0.0, run=2)
-    t.to_csv(csv_path)
+    t.to_csv(csv_path)  # alias of write_csv
     assert len(MetricTable.from_csv(csv_path)) == 5

@@ -11,13 +11,13 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from monai_mdm.utils import atomic_write
 from .segmentation import (
     aji,
     gland_object_dice,
@@ -37,24 +37,8 @@ MONUSEG_KEYS = ("paper_dice", "paper_aji_binary", "aji", "pq", "dq", "sq")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to a temp file in the same folder, then ``os.replace`` it over ``path``.
-
-    Readers never see a half-written file, and a crash leaves the previous version intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    """Write text so that readers never see a half-written table (see :func:`monai_mdm.utils.atomic_write`)."""
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _stats(values: list[float], ddof: int) -> dict[str, float]:
@@ -73,7 +57,7 @@ class MetricTable:
         run_key: column naming the run (e.g. "run" or "seed"); rows without it form one run "".
             Run labels are kept as text so CSV and JSON round trips are exact.
         ddof: delta degrees of freedom of every std (0 = numpy's default, population std;
-            1 = sample std). With ddof=0 a single run has std 0 across runs.
+            1 = sample std). A single run has std 0 across runs with ddof=0 and NaN with ddof=1.
     """
 
     def __init__(self, run_key: str = "run", ddof: int = 0) -> None:
@@ -130,7 +114,8 @@ class MetricTable:
         for m in self.metric_names:
             run_stats = [per_run[r][m] for r in per_run]
             s = _stats([st["mean"] for st in run_stats], self.ddof)
-            out[m] = {"mean": s["mean"], "std": s["std"], "n_runs": s["n"], "n_images": sum(st["n"] for st in run_stats)}
+            n_images = sum(st["n"] for st in run_stats)
+            out[m] = {"mean": s["mean"], "std": s["std"], "n_runs": s["n"], "n_images": n_images}
         return out
 
     def format(self, scale: float = 1.0, digits: int = 4) -> str:
@@ -153,7 +138,7 @@ class MetricTable:
         has_run = any(self.run_key in r for r in self.rows)
         return ["name"] + ([self.run_key] if has_run else []) + self.metric_names
 
-    def to_csv(self, path: str | os.PathLike) -> Path:
+    def write_csv(self, path: str | os.PathLike) -> Path:
         """One line per image; a metric missing for an image is an empty cell. Floats are written
         with ``repr`` so they read back bit-identical."""
         buf = io.StringIO()
@@ -163,10 +148,21 @@ class MetricTable:
             writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
         return atomic_write_text(path, buf.getvalue())
 
-    def to_json(self, path: str | os.PathLike) -> Path:
-        """Rows, per-run statistics and the summary; NaN is written as null to stay valid JSON."""
-        doc = {"run_key": self.run_key, "ddof": self.ddof, "rows": self.rows, "per_run": self.per_run(), "summary": self.summary()}
+    def write_json(self, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
+        """Rows, per-run statistics, the summary and ``extra`` (e.g. settings of the evaluation);
+        NaN is written as null to stay valid JSON."""
+        doc = {
+            "run_key": self.run_key,
+            "ddof": self.ddof,
+            "extra": dict(extra or {}),
+            "rows": self.rows,
+            "per_run": self.per_run(),
+            "summary": self.summary(),
+        }
         return atomic_write_text(path, json.dumps(_nan_to_none(doc), indent=2) + "\n")
+
+    to_csv = write_csv
+    to_json = write_json
 
     @classmethod
     def from_csv(cls, path: str | os.PathLike, run_key: str = "run", ddof: int = 0) -> MetricTable:

@@ -1,0 +1,160 @@
+"""Per-image evaluation of a segmentation run: metrics table, predictions and overlays on disk."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.utils import CommonKeys
+from PIL import Image
+
+from monai_mdm.handlers.tracking import log_artifact
+from monai_mdm.utils import atomic_write
+
+logger = logging.getLogger(__name__)
+
+# one colour per class for overlays (0 = background is left transparent)
+_PALETTE = np.array(
+    [[0, 0, 0], [0, 200, 70], [230, 40, 40], [40, 90, 230], [240, 200, 0], [200, 0, 200], [0, 200, 200]], np.uint8
+)
+
+
+def _image_uint8(image: torch.Tensor | np.ndarray, value_range=(-1.0, 1.0)) -> np.ndarray:
+    """(C, H, W) in ``value_range`` -> (H, W, 3) uint8 for viewing."""
+    x = np.asarray(image.detach().float().cpu() if isinstance(image, torch.Tensor) else image, dtype=np.float32)
+    x = np.clip((x - value_range[0]) / (value_range[1] - value_range[0]), 0, 1)
+    x = np.repeat(x, 3, axis=0) if x.shape[0] == 1 else x[:3]
+    return (np.moveaxis(x, 0, -1) * 255 + 0.5).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, classes: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Colour the non-background classes of ``classes`` (H, W) over ``image`` (H, W, 3)."""
+    colours = _PALETTE[np.asarray(classes) % len(_PALETTE)]
+    out = image.astype(np.float32)
+    fg = np.asarray(classes) > 0
+    out[fg] = (1 - alpha) * out[fg] + alpha * colours[fg]
+    return out.astype(np.uint8)
+
+
+def overlay_panel(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, gap: int = 4) -> np.ndarray:
+    """Image | truth overlay | prediction overlay, side by side."""
+    h, w = image.shape[:2]
+    panel = np.full((h, 3 * w + 2 * gap, 3), 255, np.uint8)
+    for i, tile in enumerate((image, overlay(image, truth), overlay(image, prediction))):
+        panel[:, i * (w + gap) : i * (w + gap) + w] = tile
+    return panel
+
+
+def _save_png(path: Path, array: np.ndarray) -> None:
+    atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
+
+
+class SegmentationReport:
+    """Score every image an evaluator segments, save what it predicted, and write the tables at the end.
+
+    For each image of the batch (the evaluator's ``pred`` holds class scores): the argmax class map is
+    scored with :func:`monai_mdm.metrics.evaluate_case` against the instance annotation in
+    ``batch[instance_key]``; the class map is saved as ``predictions/<name>.png`` (and ``.nii.gz`` when
+    ``save_nifti``); ``overlays/<name>.png`` shows image | truth | prediction. On completion
+    ``metrics.csv`` (one row per image) and ``metrics.json`` (rows and mean +- std) are written and the
+    summary is printed; with MLflow tracking the means are logged as metrics and the files as artifacts.
+
+    Args:
+        output_dir: folder for the tables, predictions and overlays.
+        dataset: "glas" or "monuseg": which metrics apply.
+        run: label of this run (e.g. model and seed) in the table.
+        instance_key / name_key: batch keys of the instance annotation and the image name.
+        save_nifti: also write predictions as NIfTI.
+        extra: settings recorded in metrics.json (e.g. the label budget).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        dataset: str = "glas",
+        run: str = "",
+        instance_key: str = "label_instances",
+        name_key: str = "name",
+        save_nifti: bool = False,
+        save_overlays: bool = True,
+        extra: dict | None = None,
+    ) -> None:
+        from monai_mdm.metrics import MetricTable
+
+        self.output_dir = Path(output_dir)
+        self.dataset = dataset
+        self.run = run
+        self.instance_key = instance_key
+        self.name_key = name_key
+        self.save_nifti = save_nifti
+        self.save_overlays = save_overlays
+        self.extra = dict(extra or {})
+        self.table = MetricTable(run_key="run")
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def iteration_completed(self, engine: Engine) -> None:
+        from monai_mdm.metrics import evaluate_case
+
+        batch, output = engine.state.batch, engine.state.output
+        if isinstance(output, (list, tuple)):  # decollated
+            preds = [o[CommonKeys.PRED] for o in output]
+            images = [o[CommonKeys.IMAGE] for o in output]
+        else:
+            preds, images = list(output[CommonKeys.PRED]), list(output[CommonKeys.IMAGE])
+        names = _as_list(batch[self.name_key])
+        truths = _as_list(batch[self.instance_key])
+        for name, pred, image, truth in zip(names, preds, images, truths):
+            classes = torch.as_tensor(pred).argmax(0).cpu().numpy().astype(np.uint8)
+            gt = np.asarray(torch.as_tensor(truth).cpu()).squeeze(0)
+            self.table.add(name, evaluate_case(classes, gt, self.dataset), run=self.run or None)
+            _save_png(self.output_dir / "predictions" / f"{name}.png", classes * (255 // max(1, classes.max(initial=1))))
+            if self.save_nifti:
+                self._save_nifti(name, classes, image)
+            if self.save_overlays:
+                rgb = _image_uint8(torch.as_tensor(image))
+                _save_png(self.output_dir / "overlays" / f"{name}.png", overlay_panel(rgb, gt > 0, classes))
+
+    def _save_nifti(self, name: str, classes: np.ndarray, image) -> None:
+        import nibabel as nib
+
+        affine = np.asarray(getattr(image, "affine", np.eye(4)), dtype=np.float64)
+        if affine.shape != (4, 4):
+            affine = np.eye(4)
+        data = classes.T[..., None]  # nibabel stores (x, y, z): columns first, one slice
+        img = nib.Nifti1Image(data.astype(np.uint8), affine)
+        atomic_write(self.output_dir / "predictions" / f"{name}.nii.gz", lambda f: f.write(img.to_bytes()))
+
+    def completed(self, engine: Engine) -> None:
+        if not len(self.table):
+            raise RuntimeError("the evaluation saw no images; check the test datalist.")
+        csv_path = self.output_dir / "metrics.csv"
+        json_path = self.output_dir / "metrics.json"
+        self.table.write_csv(csv_path)
+        self.table.write_json(json_path, extra=self.extra)
+        summary = self.table.summary()
+        print(self.table.format())
+        for handler in _mlflow(engine):
+            handler._log_metrics({f"test_{k}": v["mean"] for k, v in summary.items() if np.isfinite(v["mean"])})
+        for path in (csv_path, json_path):
+            log_artifact(engine, str(path), "evaluation")
+
+
+def _mlflow(engine: Engine) -> list:
+    from monai_mdm.handlers.tracking import mlflow_handlers
+
+    return [h for h in mlflow_handlers(engine) if h.cur_run is not None]
+
+
+def _as_list(x) -> Sequence:
+    if isinstance(x, (list, tuple)):
+        return list(x)
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        return list(x)
+    return [x]
