@@ -48,7 +48,8 @@ class _Fixed(PixelMLPHead):
 
 
 def _ensemble(*logits):
-    return PixelHeadEnsemble.from_heads([_Fixed(torch.tensor(lg, dtype=torch.float32).view(1, -1, 1, 2)) for lg in logits])
+    heads = [_Fixed(torch.tensor(lg, dtype=torch.float32).view(1, -1, 1, 2)) for lg in logits]
+    return PixelHeadEnsemble.from_heads(heads)
 
 
 def test_majority_vote_and_tie_break():

@@ -141,7 +141,9 @@ class FeatureCache(Dataset):
         if label.ndim == nd:
             label = label.unsqueeze(0)
         if label.shape[1:] != image.shape[1:] or label.shape[0] != 1:
-            raise ValueError(f"label {tuple(label.shape)} does not match image {tuple(image.shape)} (want (1, *spatial)).")
+            raise ValueError(
+                f"label {tuple(label.shape)} does not match image {tuple(image.shape)} (want (1, *spatial))."
+            )
         if label.is_floating_point():
             label = label.round()
         return image, label.long()

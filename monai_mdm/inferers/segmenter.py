@@ -65,7 +65,9 @@ def _corruption_from_dict(data: Mapping[str, Any] | None, source: str) -> Corrup
     if data is None:
         return None
     if data.get("type") == "PatchMasking":
-        return PatchMasking(data["patch_size"], data["num_timesteps"], data.get("fill_value", 0.0), data.get("pad", False))
+        return PatchMasking(
+            data["patch_size"], data["num_timesteps"], data.get("fill_value", 0.0), data.get("pad", False)
+        )
     raise ValueError(
         f"{source}: the features were computed with the corruption {data.get('repr', data.get('type'))}, which "
         "cannot be rebuilt from the file; pass it to MDMSegmenter.load(..., corruption=...)."
@@ -150,7 +152,9 @@ class MDMSegmenter(nn.Module):
             "format": _FORMAT,
             "version": _VERSION,
             "network_config": ex.network.to_guided_diffusion_config(),
-            "network_state": {k: v.detach().cpu() for k, v in ex.network.state_dict().items()} if include_network else None,
+            "network_state": (
+                {k: v.detach().cpu() for k, v in ex.network.state_dict().items()} if include_network else None
+            ),
             "features": {
                 "blocks": list(ex.blocks),
                 "timestep": ex.timestep,
@@ -195,7 +199,9 @@ class MDMSegmenter(nn.Module):
             raise TypeError(f"unknown feature settings {sorted(unknown)}.")
         if network is None:
             if state.get("network_state") is None:
-                raise ValueError(f"{source} holds no network weights (saved with include_network=False); pass network=.")
+                raise ValueError(
+                    f"{source} holds no network weights (saved with include_network=False); pass network=."
+                )
             network = MDMUNet.from_guided_diffusion(state["network_state"], state["network_config"])
         feats = dict(state["features"])
         corruption = feature_overrides.pop("corruption", _UNSET)
@@ -206,7 +212,11 @@ class MDMSegmenter(nn.Module):
         extractor = MDMFeatureExtractor(network, corruption=corruption, **settings)
         hcfg = dict(state["head"])
         head = PixelHeadEnsemble(
-            hcfg["in_channels"], hcfg["num_classes"], hcfg.get("num_heads", 1), hcfg["hidden_channels"], hcfg["spatial_dims"]
+            hcfg["in_channels"],
+            hcfg["num_classes"],
+            hcfg.get("num_heads", 1),
+            hcfg["hidden_channels"],
+            hcfg["spatial_dims"],
         )
         _check_widths(extractor, head, source)
         head.load_state_dict(state["head_state"])

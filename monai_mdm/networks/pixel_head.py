@@ -47,7 +47,9 @@ class PixelMLPHead(nn.Module):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
         if num_classes < 1 or in_channels < 1:
             raise ValueError(f"in_channels and num_classes must be positive, got {in_channels}, {num_classes}.")
-        hidden = tuple(int(h) for h in (default_hidden_channels(num_classes) if hidden_channels is None else hidden_channels))
+        if hidden_channels is None:
+            hidden_channels = default_hidden_channels(num_classes)
+        hidden = tuple(int(h) for h in hidden_channels)
         self.in_channels = int(in_channels)
         self.num_classes = int(num_classes)
         self.hidden_channels = hidden
