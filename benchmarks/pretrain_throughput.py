@@ -497,9 +497,10 @@ def resolve_device(name: str) -> torch.device:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print its tables; returns 0, or 1 when a training row failed."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
-        raise SystemExit("--steps must be >= 1 and --warmup >= 0.")
+        parser.error("--steps must be >= 1 and --warmup >= 0.")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -516,8 +517,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.channels_last, args.compile,
             )  # fmt: skip
         ]
-    for cfg in configs:
-        check_config(cfg)
+    try:
+        for cfg in configs:
+            check_config(cfg)
+    except ValueError as exc:
+        parser.error(str(exc))
     runs: list[tuple[str, StepConfig]] = []
     for cfg in configs:
         if args.compare_reference:

@@ -1,10 +1,15 @@
 from .checkpoint import StopAtIteration, TrainingCheckpoint, find_latest_checkpoint
 from .ema import EMA
+from .training import EarlyStopOnLoss, SaveModel
 from .reconstruction_grid import ReconstructionGridSaver, reconstruction_grid
+from .segmentation_report import SegmentationReport
 from .tracking import LogSettings, log_artifact, mlflow_handlers
 
 __all__ = [
     "EMA",
+    "EarlyStopOnLoss",
+    "SaveModel",
+    "SegmentationReport",
     "LogSettings",
     "ReconstructionGridSaver",
     "StopAtIteration",

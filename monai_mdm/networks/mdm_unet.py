@@ -8,8 +8,10 @@ blocks keep the indices that feature-extraction recipes refer to (e.g. blocks 8.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -622,3 +624,24 @@ class MDMUNet(nn.Module):
         sd = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in sd.items()}
         model.load_state_dict(sd, strict=strict)
         return model
+
+
+def load_pretrained_unet(path: str | os.PathLike, preset: str | None = "tiny", **overrides: Any) -> MDMUNet:
+    """The pretrained UNet from ``path``: a pretraining checkpoint (EMA weights preferred), ``model_ema.pt``,
+    ``model.pt`` or a guided-diffusion state dict, built with the settings of ``preset`` (plus ``overrides``).
+
+    This is what few-shot bundles call; a missing file or weights of another architecture get an error that
+    names the file and says what to run or set instead.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"pretrained weights '{path}' not found: run bundles/mdm_pretrain first (it writes "
+            "<output_dir>/models/model_ema.pt) or set --pretrained_weights to a guided-diffusion checkpoint."
+        )
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    config = MDMUNet.from_preset(preset, **overrides).to_guided_diffusion_config() if preset else None
+    try:
+        return MDMUNet.from_guided_diffusion(state, config)
+    except ValueError as e:
+        raise ValueError(f"pretrained weights '{path}' do not fit preset '{preset}': {e}") from e
