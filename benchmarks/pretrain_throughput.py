@@ -168,7 +168,10 @@ def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
     text = [[cell(v) for v in row] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in text]) for i, c in enumerate(columns)]
-    numeric = [all(isinstance(row[i], (int, float)) and not isinstance(row[i], bool) for row in rows) for i in range(len(columns))]
+    def is_number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    numeric = [all(is_number(row[i]) for row in rows) for i in range(len(columns))]
 
     def line(values: Sequence[str]) -> str:
         return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
@@ -320,7 +323,9 @@ def run_step_benchmark(
 # ----------------------------------------------------------------------------- masking cost
 
 
-def mask_one_naive(image: torch.Tensor, t: int, patch: int = PATCH_SIZE, num_timesteps: int = NUM_TIMESTEPS) -> torch.Tensor:
+def mask_one_naive(
+    image: torch.Tensor, t: int, patch: int = PATCH_SIZE, num_timesteps: int = NUM_TIMESTEPS
+) -> torch.Tensor:
     """Mask a single (C, H, W) image the per-sample way: a Python-level ``randperm`` over its patches.
 
     Written here only as the baseline for the batched ``PatchMasking``; same rule (keep exactly
@@ -348,7 +353,9 @@ class MaskResult:
         return statistics.median(self.times_s) * 1e3
 
 
-def run_mask_benchmark(batch: int, size: int, device: torch.device, reps: int, warmup: int, seed: int = 0) -> list[MaskResult]:
+def run_mask_benchmark(
+    batch: int, size: int, device: torch.device, reps: int, warmup: int, seed: int = 0
+) -> list[MaskResult]:
     """Mask a (batch, 3, size, size) tensor in one ``PatchMasking`` call vs one image at a time in a loop."""
     if size % PATCH_SIZE:
         raise ValueError(f"--mask-size {size} must be a multiple of the patch size {PATCH_SIZE}.")
@@ -439,7 +446,7 @@ def describe_machine(device: torch.device) -> list[str]:
 
 
 def sweep_grid(device: torch.device, args: argparse.Namespace) -> list[StepConfig]:
-    """The default grid: tiny 32/64 px x batch 8/32 on CPU; the paper network at 256 px bf16, batch 32/64/128 on CUDA."""
+    """The default grid: tiny at 32/64 px x batch 8/32 on CPU; paper at 256 px, bf16, batch 32/64/128 on CUDA."""
     if device.type == "cuda":
         return [
             StepConfig("paper", 256, b, 1, "bf16", args.channels_last, args.compile) for b in (32, 64, 128)
@@ -456,9 +463,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--preset", default="tiny", choices=sorted(k for k, v in PRESETS.items() if v["spatial_dims"] == 2))
-    p.add_argument("--image-size", type=int, default=64, help="square crop size (multiple of 8 and of the preset's downsampling)")
+    p.add_argument(
+        "--image-size", type=int, default=64, help="square crop size (multiple of 8 and of the preset's downsampling)"
+    )
     p.add_argument("--batch", type=int, default=8, help="global batch per optimiser step")
-    p.add_argument("--precision", default="fp32", choices=sorted(AMP_DTYPES), help="torch.autocast dtype (fp32 = no autocast)")
+    p.add_argument(
+        "--precision", default="fp32", choices=sorted(AMP_DTYPES), help="torch.autocast dtype (fp32 = no autocast)"
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (repetitions); the median is reported")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (include torch.compile's compilation)")
@@ -466,11 +477,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument(
         "--micro-batches", type=int, default=1,
-        help="split the global batch into N micro-batches with gradient accumulation (N = batch: the public MDM code's way)",
+        help="split the global batch into N micro-batches with gradient accumulation "
+        "(N = batch: the public MDM code's way)",
     )  # fmt: skip
     p.add_argument(
         "--compare-reference", action="store_true",
-        help="run each setting twice, as batch-many micro-batches of 1 (the reference) and as one batch, and print the speed-up",
+        help="run each setting twice, as batch-many micro-batches of 1 (the reference) and as one batch, "
+        "and print the speed-up",
     )  # fmt: skip
     p.add_argument("--sweep", action="store_true", help="run the default grid (see sweep_grid) instead of one setting")
     p.add_argument("--mask-batch", type=int, default=128, help="batch of the masking-cost benchmark")
@@ -585,12 +598,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"Patch masking of a ({args.mask_batch}, 3, {args.mask_size}, {args.mask_size}) batch on {device}: "
             f"median of {args.mask_reps}; slowdown = method / batched"
         )
-        print(
-            format_table(
-                MASK_COLUMNS,
-                [[m.method, m.batch, m.size, m.median_ms, min(m.times_s) * 1e3, m.median_ms / base] for m in mask_results],
-            )
-        )
+        mask_rows = [
+            [m.method, m.batch, m.size, m.median_ms, min(m.times_s) * 1e3, m.median_ms / base] for m in mask_results
+        ]
+        print(format_table(MASK_COLUMNS, mask_rows))
         print(
             "\nbatched speed-up over the per-sample loops: "
             + ", ".join(f"{m.median_ms / base:.1f}x ({m.method.split(': ')[-1]})" for m in mask_results[1:])

@@ -146,15 +146,18 @@ class MDMSegmenter(nn.Module):
     # ------------------------------------------------------------------ persistence
 
     def to_state(self, include_network: bool = True) -> dict[str, Any]:
-        """Everything needed to rebuild the segmenter (see :meth:`from_state`)."""
+        """Everything needed to rebuild the segmenter (see :meth:`from_state`).
+
+        With the network, the weights are this module's whole ``state_dict`` under ``"model"``: the key
+        MONAI Label and MONAI bundles read from ``models/model.pt`` to load ``network_def``.
+        """
         ex = self.extractor
+        weights = {k: v.detach().cpu() for k, v in self.state_dict().items()}
         return {
             "format": _FORMAT,
             "version": _VERSION,
             "network_config": ex.network.to_guided_diffusion_config(),
-            "network_state": (
-                {k: v.detach().cpu() for k, v in ex.network.state_dict().items()} if include_network else None
-            ),
+            "model": weights if include_network else None,
             "features": {
                 "blocks": list(ex.blocks),
                 "timestep": ex.timestep,
@@ -164,7 +167,7 @@ class MDMSegmenter(nn.Module):
                 "out_channels": ex.out_channels,
             },
             "head": self.head.config(),
-            "head_state": {k: v.detach().cpu() for k, v in self.head.state_dict().items()},
+            "head_state": {k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")},
             "class_names": self.class_names,
         }
 
@@ -198,11 +201,13 @@ class MDMSegmenter(nn.Module):
         if unknown:
             raise TypeError(f"unknown feature settings {sorted(unknown)}.")
         if network is None:
-            if state.get("network_state") is None:
+            if state.get("model") is None:
                 raise ValueError(
                     f"{source} holds no network weights (saved with include_network=False); pass network=."
                 )
-            network = MDMUNet.from_guided_diffusion(state["network_state"], state["network_config"])
+            prefix = "extractor.network."
+            network_state = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+            network = MDMUNet.from_guided_diffusion(network_state, state["network_config"])
         feats = dict(state["features"])
         corruption = feature_overrides.pop("corruption", _UNSET)
         if corruption is _UNSET:

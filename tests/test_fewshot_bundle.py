@@ -1,0 +1,210 @@
+"""Few-shot bundles end to end on tiny synthetic data: head training, baseline, evaluation, inference."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import run
+from PIL import Image
+
+from conftest import BUNDLES
+
+PRETRAIN = str(BUNDLES / "mdm_pretrain" / "configs" / "train.json")
+GLAS = BUNDLES / "mdm_glas_fewshot" / "configs"
+# small enough for CPU: 32 px crops and windows, a couple of crops and epochs
+HEAD = dict(crop_size=32, crops_per_image=2, max_epochs=2, warmup_epochs=0)
+
+
+def _messages(exc: BaseException) -> str:
+    parts = []
+    while exc is not None:
+        parts.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)
+
+
+@pytest.fixture(scope="module")
+def pretrained(demo_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pretrain")
+    run(
+        config_file=PRETRAIN,
+        dataset_dir=str(demo_data["glas"]),
+        output_dir=str(out),
+        max_iterations=2,
+        image_size=32,
+        batch_size=2,
+        num_workers=0,
+        progress_bar=False,
+        grid_interval=0,
+    )
+    return out / "models" / "model_ema.pt"
+
+
+@pytest.fixture(scope="module")
+def mdm_run(demo_data, pretrained, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mdm")
+    run(
+        config_file=str(GLAS / "train.json"),
+        dataset_dir=str(demo_data["glas"]),
+        output_dir=str(out),
+        pretrained_weights=str(pretrained),
+        label_budget=0.2,
+        **HEAD,
+    )
+    return out
+
+
+def test_head_training_saves_segmenter_and_budget(mdm_run, demo_data):
+    from monai_mdm.inferers import MDMSegmenter, load_segmentation_model
+
+    model = load_segmentation_model(mdm_run / "models" / "model.pt")
+    assert isinstance(model, MDMSegmenter)
+    assert model.class_names == ["background", "gland"]
+    assert model.extractor.blocks == (3, 4, 5, 6, 7) or list(model.extractor.blocks) == [3, 4, 5, 6, 7]
+    budget = json.loads((mdm_run / "label_budget.json").read_text())
+    # 12 synthetic training images, 20% -> 2, recorded by name
+    assert budget["count"] == 2 and len(budget["names"]) == 2 and budget["seed"] == 0
+    assert all(re.fullmatch(r"train_\d+", n) for n in budget["names"])
+    state = torch.load(mdm_run / "models" / "model.pt", weights_only=True)
+    # MONAI Label and bundles load network_def weights from the "model" key
+    assert set(state["model"]) == set(model.state_dict())
+
+
+def test_evaluation_writes_tables_predictions_and_overlays(mdm_run, demo_data):
+    run(
+        config_file=str(GLAS / "evaluate.json"),
+        dataset_dir=str(demo_data["glas"]),
+        output_dir=str(mdm_run),
+        window_size=32,
+        save_nifti=True,
+    )
+    ev = mdm_run / "evaluation"
+    doc = json.loads((ev / "metrics.json").read_text())
+    names = sorted(r["name"] for r in doc["rows"])
+    assert names == ["testA_1", "testA_2", "testA_3", "testA_4", "testB_1", "testB_2"]
+    for row in doc["rows"]:
+        assert 0.0 <= row["paper_dice"] <= 1.0 and 0.0 <= row["object_dice"] <= 1.0
+        assert row["paper_iou"] == pytest.approx(row["paper_dice"] / (2 - row["paper_dice"]))
+    header = (ev / "metrics.csv").read_text().splitlines()[0]
+    assert header.split(",")[:2] == ["name", "run"] and "object_hausdorff" in header
+    for name in names:
+        image = Image.open(demo_data["glas"] / f"{name}.bmp")
+        pred = Image.open(ev / "predictions" / f"{name}.png")
+        assert pred.size == image.size  # full-size prediction from sliding windows
+        overlay = Image.open(ev / "overlays" / f"{name}.png")
+        assert overlay.size[1] == image.size[1]
+        assert (ev / "predictions" / f"{name}.nii.gz").is_file()
+
+
+def test_recompute_mode_trains_like_the_reference(demo_data, pretrained, tmp_path):
+    run(
+        config_file=str(GLAS / "train.json"),
+        dataset_dir=str(demo_data["glas"]),
+        output_dir=str(tmp_path),
+        pretrained_weights=str(pretrained),
+        label_budget=["train_1"],
+        feature_mode="recompute",
+        **HEAD,
+    )
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_unet_baseline_trains_and_evaluates(demo_data, tmp_path):
+    run(
+        config_file=[str(GLAS / "train.json"), str(GLAS / "train_unet.json")],
+        dataset_dir=str(demo_data["glas"]),
+        output_dir=str(tmp_path),
+        label_budget=0.2,
+        **HEAD,
+    )
+    from monai.networks.nets import BasicUNet
+
+    from monai_mdm.inferers import load_segmentation_model
+
+    assert isinstance(load_segmentation_model(tmp_path / "models" / "model.pt"), BasicUNet)
+    run(
+        config_file=str(GLAS / "evaluate.json"),
+        dataset_dir=str(demo_data["glas"]),
+        output_dir=str(tmp_path),
+        window_size=32,
+        run_name="unet",
+        test_split="testB",
+    )
+    doc = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
+    assert [r["name"] for r in doc["rows"]] == ["testB_1", "testB_2"] and doc["rows"][0]["run"] == "unet"
+
+
+def test_inference_bundle_segments_a_folder(mdm_run, demo_data, tmp_path):
+    bundle = tmp_path / "bundle"
+    (bundle / "models").mkdir(parents=True)
+    (bundle / "models" / "model.pt").write_bytes((mdm_run / "models" / "model.pt").read_bytes())
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("testA_1", "testB_2"):
+        (images / f"{name}.bmp").write_bytes((demo_data["glas"] / f"{name}.bmp").read_bytes())
+    run(
+        config_file=str(GLAS / "inference.json"),
+        bundle_root=str(bundle),
+        dataset_dir=str(images),
+        window_size=32,
+    )
+    outputs = sorted((bundle / "eval").glob("*.png"))
+    assert [p.name for p in outputs] == ["testA_1_seg.png", "testB_2_seg.png"]
+    for out in outputs:
+        source = Image.open(images / out.name.replace("_seg.png", ".bmp"))
+        mask = np.asarray(Image.open(out))
+        assert mask.shape == (source.size[1], source.size[0])  # (H, W): same orientation as the image
+        assert set(np.unique(mask)) <= {0, 255}
+
+
+def test_label_budget_larger_than_set_is_refused(demo_data, pretrained, tmp_path):
+    with pytest.raises(Exception) as info:
+        run(
+            config_file=str(GLAS / "train.json"),
+            dataset_dir=str(demo_data["glas"]),
+            output_dir=str(tmp_path),
+            pretrained_weights=str(pretrained),
+            label_budget=500,
+            **HEAD,
+        )
+    assert re.search(r"500.*12|larger", _messages(info.value))
+
+
+def test_missing_pretrained_weights_say_what_to_run(demo_data, tmp_path):
+    with pytest.raises(Exception) as info:
+        run(
+            config_file=str(GLAS / "train.json"),
+            dataset_dir=str(demo_data["glas"]),
+            output_dir=str(tmp_path),
+            pretrained_weights=str(tmp_path / "nope.pt"),
+            **HEAD,
+        )
+    text = _messages(info.value)
+    assert "nope.pt" in text and "mdm_pretrain" in text
+
+
+def test_monuseg_bundle_trains_and_reports_instance_metrics(demo_data, pretrained, tmp_path):
+    configs = BUNDLES / "mdm_monuseg_fewshot" / "configs"
+    run(
+        config_file=str(configs / "train.json"),
+        dataset_dir=str(demo_data["monuseg"]),
+        output_dir=str(tmp_path),
+        pretrained_weights=str(pretrained),
+        label_budget=1,
+        batch_size=2,
+        **HEAD,
+    )
+    run(
+        config_file=str(configs / "evaluate.json"),
+        dataset_dir=str(demo_data["monuseg"]),
+        output_dir=str(tmp_path),
+        window_size=32,
+    )
+    doc = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
+    assert len(doc["rows"]) == 2
+    assert set(doc["rows"][0]) >= {"paper_dice", "paper_aji_binary", "aji", "pq", "dq", "sq"}
