@@ -1,0 +1,80 @@
+"""The MDM prepare-batch and the training-loop handlers, without a bundle around them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+
+from monai_mdm.engines import CorruptionPrepareBatch
+from monai_mdm.handlers import EMA, EarlyStopOnLoss, StopAtIteration
+from monai_mdm.losses import reconstruction_loss
+from monai_mdm.transforms import PatchMasking
+
+
+@pytest.mark.parametrize("as_dict", [True, False])
+def test_prepare_batch_masks_on_device_and_returns_timesteps(as_dict):
+    torch.manual_seed(0)
+    clean = torch.rand(6, 3, 32, 32) + 1.0  # strictly positive so masked pixels (0) are visible
+    prepare = CorruptionPrepareBatch(PatchMasking(patch_size=8, num_timesteps=1000))
+    masked, target, args, kwargs = prepare({"image": clean} if as_dict else clean, torch.device("cpu"))
+    assert torch.equal(target, clean) and args == ()
+    t = kwargs["timesteps"]
+    assert t.shape == (6,) and t.dtype == torch.long and bool(((t >= 0) & (t < 1000)).all())
+    # per sample exactly floor(L * (1 - t / T)) of the L = 16 patches survive
+    kept_pixels = (masked != 0).all(dim=1).flatten(1).sum(1)
+    expected = (16 * (1000 - t)) // 1000 * 64
+    assert torch.equal(kept_pixels, expected)
+
+
+def test_prepare_batch_timestep_range_and_errors():
+    prepare = CorruptionPrepareBatch(PatchMasking(8, 1000), min_timestep=10, max_timestep=12)
+    _, _, _, kwargs = prepare(torch.zeros(50, 1, 16, 16))
+    assert set(kwargs["timesteps"].tolist()) <= {10, 11}
+    with pytest.raises(ValueError, match="timestep range"):
+        CorruptionPrepareBatch(PatchMasking(8, 1000), min_timestep=5, max_timestep=2000)
+    with pytest.raises(KeyError, match="img"):
+        CorruptionPrepareBatch(PatchMasking(8, 1000), image_key="img")({"image": torch.zeros(1, 1, 8, 8)})
+
+
+@pytest.mark.parametrize("name, expected", [("ssim", "SSIMLoss"), ("MSE", "MSELoss"), ("l1", "L1Loss")])
+def test_reconstruction_loss_names(name, expected):
+    loss = reconstruction_loss(name)
+    assert type(loss).__name__ == expected
+    x = torch.rand(2, 3, 16, 16)
+    assert float(loss(x, x)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_reconstruction_loss_unknown_name():
+    with pytest.raises(ValueError, match="ssim"):
+        reconstruction_loss("perceptual")
+
+
+def test_ema_updates_once_per_optimiser_step():
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = EMA(model, decay=0.5, every=2)
+    engine = Engine(lambda e, b: model.weight.data.add_(1.0))
+    ema.attach(engine)
+    engine.run([0] * 4, max_epochs=1)
+    # weights after iterations 2 and 4 are 2 and 4; EMA: 0.5 * 0 + 0.5 * 2 = 1, then 0.5 * 1 + 0.5 * 4 = 2.5
+    assert float(ema.ema_model.weight) == pytest.approx(2.5)
+    with pytest.raises(ValueError, match="decay"):
+        EMA(model, decay=1.0)
+
+
+def test_stop_at_iteration_ends_mid_epoch():
+    engine = Engine(lambda e, b: None)
+    StopAtIteration(7).attach(engine)
+    engine.run(range(5), max_epochs=10)
+    assert engine.state.iteration == 7
+
+
+def test_early_stop_on_loss_waits_for_warmup_and_patience():
+    losses = iter([1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1] * 3)
+    engine = Engine(lambda e, b: {"loss": torch.tensor(next(losses))})
+    EarlyStopOnLoss(patience=2, warmup_epochs=1).attach(engine)
+    engine.run([0], max_epochs=20)
+    # epoch 2 improves (0.5), epochs 3 and 4 do not: stopped after epoch 4
+    assert engine.state.epoch == 4
+    assert engine.state.metrics["epoch_loss"] == pytest.approx(0.7)
