@@ -18,3 +18,12 @@ def demo_data(tmp_path_factory) -> dict[str, Path]:
     from monai_mdm.data.synthetic import write_demo_data
 
     return write_demo_data(tmp_path_factory.mktemp("demo_data"), seed=0)
+
+
+def error_chain(exc: BaseException) -> str:
+    """MONAI wraps errors raised while parsing a bundle config; users read the whole chain, so tests do too."""
+    parts = []
+    while exc is not None:
+        parts.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)

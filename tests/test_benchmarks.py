@@ -58,3 +58,43 @@ def test_pretrain_throughput_smoke(capsys):
     assert len(rows) == 3
     for row in rows:
         assert all(float(v) > 0 for v in row[-3:]), row
+
+
+FEWSHOT_SCRIPT = SCRIPT.parent / "fewshot_memory.py"
+
+
+def test_fewshot_memory_smoke(capsys):
+    spec = importlib.util.spec_from_file_location("fewshot_memory", FEWSHOT_SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)  # importing must not run the benchmark
+    assert capsys.readouterr().out == ""
+
+    argv = ["--preset", "tiny", "--blocks", "3", "4", "5", "6", "7", "--crop-size", "32", "--image-size", "64", "96"]
+    argv += ["--num-images", "2", "--steps", "1", "--warmup", "0", "--epochs", "3", "--device", "cpu", "--threads", "1"]
+    assert bench.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("settings : preset=tiny") and "channels=256" in line for line in lines)
+    assert any(line.startswith("totals   : E=3 epochs of N=2") for line in lines)
+
+    start = lines.index("Few-shot head training: memory and time")
+    assert lines[start + 1].split() == list(bench.TABLE_COLUMNS)
+    assert set(lines[start + 2].replace(" ", "")) == {"-"}
+    rows = {}
+    for line in lines[start + 3 :]:
+        if not line.strip():
+            break
+        name, value, unit, kind, meaning = line.split(maxsplit=4)
+        rows[name] = (float(value), unit, kind, meaning)
+    assert list(rows) == list(bench.FIGURES)  # CPU: no gpu_* rows
+    for name, (value, unit, kind, _) in rows.items():
+        assert value > 0, name
+        assert kind in ("measured", "computed"), name
+    assert rows["steps_per_epoch"][0] == 2
+    # 2 images x 1 crop; the cache holds what bytes_per_crop plans
+    assert rows["cache_nbytes"][0] == rows["cache_planned"][0]
+    # DDPM-seg: 2 x 32 x 32 x 256 channels x 4 bytes, stated as computed
+    assert rows["ddpmseg_features_ram"][1:3] == ("GiB", "computed")
+    expected_gib = 2 * 32 * 32 * 256 * 4 / 2**30
+    assert abs(rows["ddpmseg_features_ram"][0] - expected_gib) < 1e-3 * expected_gib
+    assert rows["sliding_window_windows"][0] >= 6  # 64 x 96 image, 32 px windows, overlap 0.2

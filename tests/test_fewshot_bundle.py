@@ -12,20 +12,12 @@ import torch
 from monai.bundle import run
 from PIL import Image
 
-from conftest import BUNDLES
+from conftest import BUNDLES, error_chain
 
 PRETRAIN = str(BUNDLES / "mdm_pretrain" / "configs" / "train.json")
 GLAS = BUNDLES / "mdm_glas_fewshot" / "configs"
 # small enough for CPU: 32 px crops and windows, a couple of crops and epochs
 HEAD = dict(crop_size=32, crops_per_image=2, max_epochs=2, warmup_epochs=0)
-
-
-def _messages(exc: BaseException) -> str:
-    parts = []
-    while exc is not None:
-        parts.append(str(exc))
-        exc = exc.__cause__ or exc.__context__
-    return "\n".join(parts)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +164,7 @@ def test_label_budget_larger_than_set_is_refused(demo_data, pretrained, tmp_path
             label_budget=500,
             **HEAD,
         )
-    assert re.search(r"500.*12|larger", _messages(info.value))
+    assert re.search(r"500.*12|larger", error_chain(info.value))
 
 
 def test_missing_pretrained_weights_say_what_to_run(demo_data, tmp_path):
@@ -184,7 +176,7 @@ def test_missing_pretrained_weights_say_what_to_run(demo_data, tmp_path):
             pretrained_weights=str(tmp_path / "nope.pt"),
             **HEAD,
         )
-    text = _messages(info.value)
+    text = error_chain(info.value)
     assert "nope.pt" in text and "mdm_pretrain" in text
 
 

@@ -18,7 +18,7 @@ import torch
 from monai.bundle import run, verify_metadata
 from PIL import Image
 
-from conftest import BUNDLES, REPO, SCHEMA
+from conftest import BUNDLES, REPO, SCHEMA, error_chain
 
 TRAIN = str(BUNDLES / "mdm_pretrain" / "configs" / "train.json")
 # the smallest settings that still exercise every handler
@@ -28,15 +28,6 @@ TINY = dict(image_size=32, batch_size=2, num_workers=0, progress_bar=False, save
 def _train(dataset_dir, output_dir, **overrides):
     settings = {**TINY, **overrides}
     return run(config_file=TRAIN, dataset_dir=str(dataset_dir), output_dir=str(output_dir), **settings)
-
-
-def _messages(exc: BaseException) -> str:
-    """MONAI wraps errors raised while parsing a config; the user reads the whole chain, so do we."""
-    parts = []
-    while exc is not None:
-        parts.append(str(exc))
-        exc = exc.__cause__ or exc.__context__
-    return "\n".join(parts)
 
 
 def _write_images(folder: Path, n: int = 3, size=(40, 48), mode="RGB") -> Path:
@@ -190,7 +181,7 @@ def test_grayscale_and_rgba_images_are_converted_with_one_warning(tmp_path):
 def test_bad_dataset_dir_gets_clear_error(tmp_path, make, match):
     with pytest.raises(Exception) as info:
         _train(make(tmp_path), tmp_path / "out", max_iterations=2)
-    text = _messages(info.value)
+    text = error_chain(info.value)
     assert re.search(match, text), text
     assert "dataset_dir" in text or "img_" in text
 
@@ -201,7 +192,7 @@ def test_truncated_image_is_named(tmp_path):
     (folder / "img_1.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(Exception) as info:
         _train(folder, tmp_path / "out", max_iterations=2)
-    assert re.search(r"img_1\.png.*truncated", _messages(info.value))
+    assert re.search(r"img_1\.png.*truncated", error_chain(info.value))
 
 
 def test_checkpoint_of_another_architecture_is_refused(demo_data, tmp_path):
@@ -210,7 +201,7 @@ def test_checkpoint_of_another_architecture_is_refused(demo_data, tmp_path):
     good = (out / "models" / "checkpoint_2.pt").read_bytes()
     with pytest.raises(Exception) as info:
         _train(demo_data["glas"], out, max_iterations=4, grid_interval=0, preset="tiny3d", spatial_dims=2, in_channels=3)
-    assert re.search(r"checkpoint_2\.pt.*(preset|settings)", _messages(info.value), re.S)
+    assert re.search(r"checkpoint_2\.pt.*(preset|settings)", error_chain(info.value), re.S)
     assert (out / "models" / "checkpoint_2.pt").read_bytes() == good  # the failed run left it untouched
 
 

@@ -8,11 +8,18 @@ from typing import Any
 # name -> submodule; resolved on first access so that ``python -m monai_mdm.data.synthetic``
 # does not import its own module twice
 _EXPORTS = {
+    "CELEBA19_CLASSES": "faces",
+    "FFHQ34_CLASSES": "faces",
+    "LoadClassMapD": "faces",
+    "LoadClassMapDict": "faces",
+    "LoadClassMapd": "faces",
     "LoadInstanceMaskD": "instances",
     "LoadInstanceMaskDict": "instances",
     "LoadInstanceMaskd": "instances",
     "budget_count": "budget",
     "budget_record": "budget",
+    "face_palette": "faces",
+    "faces_datalist": "faces",
     "glas_datalist": "glas",
     "image_folder_datalist": "folder",
     "image_size": "instances",
@@ -21,6 +28,7 @@ _EXPORTS = {
     "natural_sort_key": "instances",
     "preprocessed_datalist": "preprocessed",
     "rasterize_monuseg_xml": "monuseg",
+    "read_class_map": "faces",
     "read_glas_grades": "glas",
     "read_instance_map": "instances",
     "read_monuseg_polygons": "monuseg",

@@ -21,7 +21,7 @@ from torch import nn
 from monai_mdm.networks.features import MDMFeatureExtractor
 from monai_mdm.networks.mdm_unet import MDMUNet
 from monai_mdm.networks.pixel_head import PixelHeadEnsemble, PixelMLPHead
-from monai_mdm.transforms.corruption import Corruption, PatchMasking
+from monai_mdm.transforms.corruption import Corruption, GaussianNoise, PatchMasking
 from monai_mdm.utils import atomic_torch_save
 
 __all__ = ["MDMSegmenter", "make_sliding_window_inferer"]
@@ -58,6 +58,13 @@ def _corruption_to_dict(corruption: Corruption | None) -> dict[str, Any] | None:
             "fill_value": float(corruption.fill_value),
             "pad": bool(corruption.pad),
         }
+    if isinstance(corruption, GaussianNoise):
+        return {
+            "type": "GaussianNoise",
+            "num_timesteps": corruption.num_timesteps,
+            "shared_noise": bool(corruption.shared_noise),
+            "noise_seed": int(corruption.noise_seed),
+        }
     return {"type": f"{type(corruption).__module__}.{type(corruption).__qualname__}", "repr": repr(corruption)}
 
 
@@ -68,6 +75,8 @@ def _corruption_from_dict(data: Mapping[str, Any] | None, source: str) -> Corrup
         return PatchMasking(
             data["patch_size"], data["num_timesteps"], data.get("fill_value", 0.0), data.get("pad", False)
         )
+    if data.get("type") == "GaussianNoise":
+        return GaussianNoise(data["num_timesteps"], data.get("shared_noise", False), data.get("noise_seed", 0))
     raise ValueError(
         f"{source}: the features were computed with the corruption {data.get('repr', data.get('type'))}, which "
         "cannot be rebuilt from the file; pass it to MDMSegmenter.load(..., corruption=...)."

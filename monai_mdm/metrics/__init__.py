@@ -33,3 +33,7 @@ __all__ = [
     "paper_dice",
     "paper_iou_from_dice",
 ]
+
+from .multiclass import MultiClassIoU, mean_iou, per_class_iou
+
+__all__ += ["MultiClassIoU", "mean_iou", "per_class_iou"]

@@ -628,10 +628,12 @@ class MDMUNet(nn.Module):
 
 def load_pretrained_unet(path: str | os.PathLike, preset: str | None = "tiny", **overrides: Any) -> MDMUNet:
     """The pretrained UNet from ``path``: a pretraining checkpoint (EMA weights preferred), ``model_ema.pt``,
-    ``model.pt`` or a guided-diffusion state dict, built with the settings of ``preset`` (plus ``overrides``).
+    ``model.pt``, a guided-diffusion state dict, or a file written by ``python -m monai_mdm.convert``.
 
-    This is what few-shot bundles call; a missing file or weights of another architecture get an error that
-    names the file and says what to run or set instead.
+    With a ``preset`` the network is built with its settings (plus ``overrides``). With ``preset=None`` the
+    settings stored in the file are used: the converter's ``network_config`` (``overrides`` are applied on
+    top), else a ``config`` stored next to wrapped weights. This is what few-shot bundles call; a missing file
+    or weights of another architecture get an error that names the file and says what to run or set instead.
     """
     path = Path(path)
     if not path.is_file():
@@ -640,8 +642,27 @@ def load_pretrained_unet(path: str | os.PathLike, preset: str | None = "tiny", *
             "<output_dir>/models/model_ema.pt) or set --pretrained_weights to a guided-diffusion checkpoint."
         )
     state = torch.load(path, map_location="cpu", weights_only=False)
-    config = MDMUNet.from_preset(preset, **overrides).to_guided_diffusion_config() if preset else None
+    stored = state.get("network_config") if isinstance(state, Mapping) else None
+    if preset:
+        config = MDMUNet.from_preset(preset, **overrides).to_guided_diffusion_config()
+        what = f"preset '{preset}'"
+    elif isinstance(stored, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        config = stored
+        if overrides:
+            kwargs = {**guided_diffusion_config_to_kwargs(stored), **overrides}
+            with torch.device("meta"):  # only the settings are needed, not a second copy of the weights
+                config = MDMUNet(**kwargs).to_guided_diffusion_config()
+        state = state["state_dict"]
+        what = "the network_config stored in the file"
+    else:
+        config = None
+        what = "the config stored in the file"
     try:
         return MDMUNet.from_guided_diffusion(state, config)
     except ValueError as e:
-        raise ValueError(f"pretrained weights '{path}' do not fit preset '{preset}': {e}") from e
+        if config is None and "no config given" in str(e):
+            raise ValueError(
+                f"pretrained weights '{path}' hold no network settings: pass a preset (e.g. preset='paper'), or "
+                "convert the checkpoint with `python -m monai_mdm.convert` first."
+            ) from e
+        raise ValueError(f"pretrained weights '{path}' do not fit {what}: {e}") from e

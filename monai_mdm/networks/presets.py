@@ -25,6 +25,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         conv_resample=True,
         num_timesteps=1000,
     ),
+    # DDPM-seg's released FFHQ-256 diffusion model (ffhq.pt): guided-diffusion flags image_size 256,
+    # num_channels 256, channel_mult "" (= 1,1,2,2,4,4), attention_resolutions "32,16,8", num_head_channels 64,
+    # resblock_updown, use_scale_shift_norm and learn_sigma (6 output channels: eps and the variance
+    # interpolation); about 552 M parameters. Its decoder blocks give DDPM-seg's face features.
+    "ddpm_seg_ffhq": dict(
+        spatial_dims=2,
+        in_channels=3,
+        out_channels=6,
+        model_channels=256,
+        channel_mult=(1, 1, 2, 2, 4, 4),
+        num_res_blocks=2,
+        attention_downsample=(8, 16, 32),
+        num_head_channels=64,
+        num_heads=-1,
+        dropout=0.0,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+        conv_resample=True,
+        num_timesteps=1000,
+    ),
     # Same design, small enough to pretrain on a CPU in minutes on 32-64 px crops (sizes divisible by 4).
     "tiny": dict(
         spatial_dims=2,

@@ -1,7 +1,14 @@
 """MDM transforms: batched corruptions (training/feature extraction) and MONAI array/dict transforms."""
 
 from monai_mdm.transforms.array import EnsureRGB, RandPatchMask
-from monai_mdm.transforms.corruption import Corruption, PatchMasking, patch_grid_shape, patch_keep_mask
+from monai_mdm.transforms.corruption import (
+    Corruption,
+    GaussianNoise,
+    PatchMasking,
+    guided_diffusion_linear_betas,
+    patch_grid_shape,
+    patch_keep_mask,
+)
 from monai_mdm.transforms.dictionary import (
     EnsureRGBD,
     EnsureRGBd,
@@ -14,6 +21,8 @@ from monai_mdm.transforms.dictionary import (
 __all__ = [
     "Corruption",
     "PatchMasking",
+    "GaussianNoise",
+    "guided_diffusion_linear_betas",
     "patch_grid_shape",
     "patch_keep_mask",
     "RandPatchMask",

@@ -13,7 +13,14 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["Corruption", "PatchMasking", "patch_grid_shape", "patch_keep_mask"]
+__all__ = [
+    "Corruption",
+    "PatchMasking",
+    "patch_grid_shape",
+    "patch_keep_mask",
+    "GaussianNoise",
+    "guided_diffusion_linear_betas",
+]
 
 
 def _ensure_tuple_dim(patch_size: int | Sequence[int], ndim: int) -> tuple[int, ...]:
@@ -186,4 +193,104 @@ class PatchMasking(Corruption):
         return (
             f"{type(self).__name__}(patch_size={self.patch_size}, num_timesteps={self.num_timesteps}, "
             f"fill_value={self.fill_value}, pad={self.pad})"
+        )
+
+
+def guided_diffusion_linear_betas(num_timesteps: int = 1000) -> torch.Tensor:
+    """guided-diffusion's "linear" betas in float64: ``linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T)``.
+
+    Kept as a plain formula so tests (and users) can check the MONAI scheduler against the schedule the
+    released DDPM / DDPM-seg models were trained with; for T = 1000 it is DDPM's 1e-4 .. 0.02.
+    """
+    scale = 1000.0 / int(num_timesteps)
+    return torch.linspace(1e-4 * scale, 0.02 * scale, int(num_timesteps), dtype=torch.float64)
+
+
+class GaussianNoise(Corruption):
+    """DDPM baseline corruption: ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` with the linear beta schedule.
+
+    The schedule and the mixing come from MONAI's :class:`monai.networks.schedulers.DDPMScheduler`
+    (``schedule="linear_beta"``) with beta range ``1e-4 * 1000 / T .. 0.02 * 1000 / T``, which is
+    guided-diffusion's "linear" schedule (DDPM's 1e-4 .. 0.02 for T = 1000), so features match those of the
+    released DDPM-seg models.
+
+    Args:
+        num_timesteps: T; timesteps must lie in [0, T).
+        shared_noise: DDPM-seg's feature extraction: ONE noise sample, drawn once from a CPU generator seeded with
+            ``noise_seed`` for the ``(C, *spatial)`` shape, added to every image on every call (the ``generator``
+            argument is then ignored). False: fresh noise per image and call, from ``generator`` when given.
+        noise_seed: seed of the shared noise sample.
+    """
+
+    def __init__(self, num_timesteps: int = 1000, shared_noise: bool = False, noise_seed: int = 0) -> None:
+        from monai.networks.schedulers import DDPMScheduler
+
+        if int(num_timesteps) < 1:
+            raise ValueError(f"num_timesteps must be positive, got {num_timesteps}.")
+        self.num_timesteps = int(num_timesteps)
+        self.shared_noise = bool(shared_noise)
+        self.noise_seed = int(noise_seed)
+        scale = 1000.0 / self.num_timesteps
+        self.scheduler = DDPMScheduler(
+            num_train_timesteps=self.num_timesteps,
+            schedule="linear_beta",
+            beta_start=1e-4 * scale,
+            beta_end=0.02 * scale,
+        )
+        self._shared: dict[tuple[int, ...], torch.Tensor] = {}
+
+    @property
+    def betas(self) -> torch.Tensor:
+        return self.scheduler.betas
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.scheduler.alphas_cumprod
+
+    def shared_noise_sample(self, shape: Sequence[int]) -> torch.Tensor:
+        """The fixed noise ``(C, *spatial)`` for ``shape`` (CPU, float32), drawn once and cached."""
+        shape = tuple(int(s) for s in shape)
+        if shape not in self._shared:
+            gen = torch.Generator().manual_seed(self.noise_seed)
+            self._shared[shape] = torch.randn(shape, generator=gen, dtype=torch.float32)
+        return self._shared[shape]
+
+    def noise_like(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The eps that :meth:`__call__` adds to ``images`` (float32, on the images' device)."""
+        if self.shared_noise:
+            eps = self.shared_noise_sample(images.shape[1:]).to(images.device)
+            return eps.unsqueeze(0).expand(images.shape[0], *eps.shape)
+        if generator is None:
+            return torch.randn(images.shape, device=images.device, dtype=torch.float32)
+        # drawn on the generator's device and moved, so a CPU generator gives the same noise on any device
+        return torch.randn(images.shape, generator=generator, device=generator.device, dtype=torch.float32).to(
+            images.device
+        )
+
+    def __call__(
+        self, images: torch.Tensor, timesteps: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        if images.ndim < 3:
+            raise ValueError(f"images must have shape (B, C, *spatial), got {tuple(images.shape)}.")
+        t = torch.as_tensor(timesteps, device=images.device)
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise ValueError(f"timesteps must be integers, got dtype {t.dtype}.")
+        if t.ndim != 1 or t.shape[0] != images.shape[0]:
+            raise ValueError(
+                f"timesteps must have shape ({images.shape[0]},) to match the batch, got {tuple(t.shape)}."
+            )
+        t = t.long()
+        if t.numel() and bool(((t < 0) | (t >= self.num_timesteps)).any()):
+            raise ValueError(
+                f"timesteps must lie in [0, {self.num_timesteps}), got min {int(t.min())} and max {int(t.max())}."
+            )
+        eps = self.noise_like(images, generator)
+        # mix in float32: add_noise casts the scheduler's alphas_cumprod to the input dtype and keeps it
+        noisy = self.scheduler.add_noise(images.float(), eps, t)
+        return noisy.to(images.dtype)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(num_timesteps={self.num_timesteps}, shared_noise={self.shared_noise}, "
+            f"noise_seed={self.noise_seed})"
         )

@@ -1,0 +1,306 @@
+"""Reader of the DDPM-seg face sets (FFHQ-34, CelebA-19): ``<n>.png`` images with ``<n>.npy`` class maps.
+
+The class maps are plain integer arrays (H, W) with values 0..K-1 and 255 for "ignore". Their most common
+failure modes are silent with a generic loader: a missing map, a map of another size, or a map of the other
+data set (CelebA-19 maps read with K = 34 look fine, FFHQ-34 maps read with K = 19 do not). This module turns
+each of them into an error that names the files and says what to change.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monai.config import KeysCollection
+from monai.transforms.transform import MapTransform
+
+from monai_mdm.data.instances import _path_of, image_size, natural_sort_key
+
+__all__ = [
+    "CELEBA19_CLASSES",
+    "FFHQ34_CLASSES",
+    "LoadClassMapD",
+    "LoadClassMapDict",
+    "LoadClassMapd",
+    "face_palette",
+    "faces_datalist",
+    "read_class_map",
+]
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+# Descriptive part names for overlays and reports, following the DatasetGAN / DDPM-seg face-part hierarchy
+# ("a***b" = part b of a). The class ids (list positions) are what the data and metrics use.
+FFHQ34_CLASSES: tuple[str, ...] = (
+    "background",
+    "head",
+    "head***cheek",
+    "head***chin",
+    "head***ear",
+    "head***ear***helix",
+    "head***ear***lobule",
+    "head***eye***bottom lid",
+    "head***eye***eyelashes",
+    "head***eye***iris",
+    "head***eye***pupil",
+    "head***eye***sclera",
+    "head***eye***tear duct",
+    "head***eye***top lid",
+    "head***eyebrow",
+    "head***forehead",
+    "head***frown",
+    "head***hair",
+    "head***hair***sideburns",
+    "head***jaw",
+    "head***moustache",
+    "head***mouth***inferior lip",
+    "head***mouth***oral commissure",
+    "head***mouth***superior lip",
+    "head***mouth***teeth",
+    "head***neck",
+    "head***nose",
+    "head***nose***ala of nose",
+    "head***nose***bridge",
+    "head***nose***nose tip",
+    "head***nose***nostril",
+    "head***philtrum",
+    "head***temple",
+    "head***wrinkles",
+)
+
+# CelebAMask-HQ's 19 labels in their usual order.
+CELEBA19_CLASSES: tuple[str, ...] = (
+    "background",
+    "skin",
+    "nose",
+    "eye_g",
+    "l_eye",
+    "r_eye",
+    "l_brow",
+    "r_brow",
+    "l_ear",
+    "r_ear",
+    "mouth",
+    "u_lip",
+    "l_lip",
+    "hair",
+    "hat",
+    "ear_r",
+    "neck_l",
+    "neck",
+    "cloth",
+)
+
+_KNOWN_SETS = {34: "FFHQ-34", 19: "CelebA-19"}
+
+
+def face_palette(num_classes: int) -> np.ndarray:
+    """Deterministic, pairwise distinct RGB colours ``(num_classes, 3)`` uint8 for overlays (class 0 black).
+
+    The bits of the class id are spread over the three channels, high bits first, so neighbouring ids get
+    clearly different colours and every id below 256 gets its own colour (the scheme PASCAL VOC popularised).
+    """
+    k = int(num_classes)
+    if not 1 <= k <= 256:
+        raise ValueError(f"num_classes must be in 1..256 for a distinct palette, got {num_classes}.")
+    palette = np.zeros((k, 3), dtype=np.uint8)
+    for cls in range(k):
+        rgb = [0, 0, 0]
+        value = cls
+        for shift in range(7, -1, -1):  # bit triplets of the id go to bit 7, 6, ... of r, g, b
+            for channel in range(3):
+                rgb[channel] |= ((value >> channel) & 1) << shift
+            value >>= 3
+            if not value:
+                break
+        palette[cls] = rgb
+    return palette
+
+
+def _suggest(bad: np.ndarray, valid_max: int | None, num_classes: int) -> str:
+    """What to change: usually the data set setting (FFHQ-34 maps read as CelebA-19 or the other way)."""
+    if bad.size and int(bad.min()) < 0:
+        return " Negative values are not class ids: re-export the maps."
+    top = max(int(bad.max()), valid_max if valid_max is not None else 0)
+    fits = [(k, name) for k, name in sorted(_KNOWN_SETS.items()) if top < k and k != num_classes]
+    if fits:
+        k, name = fits[0]
+        return f" These look like {name} maps: set num_classes={k} (FFHQ-34: 34, CelebA-19: 19)."
+    return f" Set num_classes to at least {top + 1}, or check that the maps belong to this data set."
+
+
+def read_class_map(
+    path: str | os.PathLike,
+    num_classes: int,
+    ignore_index: int = 255,
+    image: str | os.PathLike | None = None,
+) -> np.ndarray:
+    """One ``.npy`` class map as an (H, W) integer array, checked against ``num_classes`` and its image's size.
+
+    A leading singleton axis ((1, H, W)) is accepted. Values must be integers in ``0..num_classes-1`` or
+    ``ignore_index``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = f"image '{image}' has no class map: expected '{path}'" if image is not None else f"'{path}' not found"
+        raise FileNotFoundError(
+            f"{what}. The face layout needs '<n>.npy' next to each '<n>.png'; add the map or remove the image."
+        )
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as e:  # np.load raises ValueError/OSError/EOFError on damaged files
+        raise ValueError(f"cannot read class map '{path}' ({e}); replace it.") from e
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2:
+        raise ValueError(f"class map '{path}' has shape {arr.shape}; expected (H, W) integer class ids.")
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise ValueError(f"class map '{path}' has pixel type {arr.dtype}; expected integer class ids.")
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
+            raise ValueError(f"class map '{path}' holds non-integer values ({arr.dtype}); expected class ids.")
+    if image is not None:
+        h, w = image_size(image)
+        if arr.shape != (h, w):
+            raise ValueError(
+                f"class map '{path}' is {arr.shape[0]} x {arr.shape[1]} (H x W) but its image '{image}' is "
+                f"{h} x {w}; the map must have the size of its image (check that the pair belongs together)."
+            )
+    values = np.unique(arr)
+    bad = values[((values < 0) | (values >= num_classes)) & (values != ignore_index)]
+    if bad.size:
+        shown = ", ".join(str(int(v)) for v in bad[:10]) + (f", ... ({bad.size} values)" if bad.size > 10 else "")
+        valid = values[(values >= 0) & (values != ignore_index)]
+        hint = _suggest(bad, int(valid.max()) if valid.size else None, num_classes)
+        raise ValueError(
+            f"class map '{path}' holds values {shown}, outside the {num_classes} classes 0..{num_classes - 1} "
+            f"(and not the ignore value {ignore_index}).{hint}"
+        )
+    return arr.astype(np.int64)
+
+
+def _check_num_classes(num_classes: Any, ignore_index: int) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int (FFHQ-34: 34, CelebA-19: 19), got {num_classes!r}.")
+    if 0 <= ignore_index < num_classes:
+        raise ValueError(f"ignore_index {ignore_index} is a valid class id for {num_classes} classes; pick another.")
+    return int(num_classes)
+
+
+def faces_datalist(
+    root: str | os.PathLike,
+    num_classes: int,
+    split: str | None = None,
+    validate: bool = True,
+    ignore_index: int = 255,
+) -> list[dict[str, str]]:
+    """``[{"image", "label", "name"}, ...]`` of a DDPM-seg face folder, in natural order (``2`` before ``10``).
+
+    Args:
+        root: folder of ``<n>.png`` (or .jpg) images with ``<n>.npy`` class maps; or, with ``split``, a folder
+            holding ``<split>/`` or ``real/<split>/`` (DDPM-seg's ``ffhq_34/real/train`` layout).
+        num_classes: K: 34 for FFHQ-34, 19 for CelebA-19.
+        split: optional sub-folder, see above.
+        validate: read every map now (cheap: a few hundred 256 x 256 arrays) so that a missing or foreign map
+            stops the run before training instead of in the middle of it; False only lists the files.
+        ignore_index: the "ignore" value of the maps.
+    """
+    num_classes = _check_num_classes(num_classes, ignore_index)
+    root = Path(root)
+    folder = root
+    if split is not None:
+        candidates = [root / split, root / "real" / split]
+        found = [c for c in candidates if c.is_dir()]
+        if not found:
+            raise FileNotFoundError(
+                f"no folder for split {split!r} under '{root}'; looked in " + ", ".join(f"'{c}'" for c in candidates)
+            )
+        folder = found[0]
+    if not folder.is_dir():
+        raise FileNotFoundError(f"face data folder '{folder}' does not exist.")
+    images: dict[str, Path] = {}
+    for p in folder.iterdir():
+        if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES and not p.name.startswith("."):
+            if p.stem in images:
+                raise ValueError(
+                    f"'{folder}' holds two images named '{p.stem}': '{images[p.stem].name}' and '{p.name}'; keep one."
+                )
+            images[p.stem] = p
+    if not images:
+        raise FileNotFoundError(
+            f"no images (<n>.png / .jpg) in '{folder}'; the face layout is a folder of <n>.png with <n>.npy maps."
+        )
+    out = []
+    for name in sorted(images, key=natural_sort_key):
+        image = images[name]
+        label = image.with_suffix(".npy")
+        if validate or not label.is_file():
+            read_class_map(label, num_classes, ignore_index, image=image)
+        out.append({"image": str(image), "label": str(label), "name": name})
+    return out
+
+
+class LoadClassMapd(MapTransform):
+    """Load ``.npy`` class maps to ``(1, H, W)`` arrays, checking them against their image and the class count.
+
+    ``d[key]`` is the map's path; when it is missing or None the map is looked for as ``<image stem>.npy`` next
+    to the image. Put it before or after ``LoadImaged`` (the image file is then taken from the MetaTensor).
+
+    Args:
+        keys: keys of the class maps.
+        num_classes: K (34 for FFHQ-34, 19 for CelebA-19); other values than 0..K-1 and ``ignore_index`` fail.
+        image_key: key of the image (path or loaded MetaTensor); None skips the size check.
+        ignore_index: the "ignore" value, kept as it is.
+        dtype: output type; the default uint8 holds 0..254 and 255 = ignore, at 1/8 of int64's memory (cast to
+            int64 where a loss needs it). Values that do not fit switch it to int64.
+        allow_missing_keys: don't raise if a key is missing.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "label",
+        num_classes: int = 34,
+        image_key: str | None = "image",
+        ignore_index: int = 255,
+        dtype: Any = np.uint8,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.num_classes = _check_num_classes(num_classes, ignore_index)
+        self.image_key = image_key
+        self.ignore_index = int(ignore_index)
+        dtype = np.dtype(dtype)
+        lo, hi = min(0, self.ignore_index), max(self.num_classes - 1, self.ignore_index)
+        if not np.issubdtype(dtype, np.integer) or np.iinfo(dtype).min > lo or np.iinfo(dtype).max < hi:
+            dtype = np.dtype(np.int64)
+        self.dtype = dtype
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = None
+        if self.image_key is not None and self.image_key in d:
+            image = _path_of(d[self.image_key])
+        for key in self.keys:
+            value = d.get(key)
+            if value is None:
+                if image is None:
+                    if self.allow_missing_keys:
+                        continue
+                    raise KeyError(f"no class map under {key!r} and no image path to find '<n>.npy' from.")
+                path: str | None = str(Path(image).with_suffix(".npy"))
+            else:
+                path = _path_of(value)
+                if path is None:
+                    raise TypeError(
+                        f"LoadClassMapd expects d[{key!r}] to be a .npy path, got {type(value).__name__}; put it "
+                        "before any transform that loads the label."
+                    )
+            arr = read_class_map(path, self.num_classes, self.ignore_index, image=image)
+            d[key] = arr.astype(self.dtype)[None]
+        return d
+
+
+LoadClassMapD = LoadClassMapDict = LoadClassMapd
