@@ -1,8 +1,15 @@
-from .prepare_batch import CorruptionPrepareBatch
+"""Engine pieces: prepare-batches for MDM pretraining and head training, the feature cache, head ensembles."""
 
-__all__ = ["CorruptionPrepareBatch"]
-
+from .ensemble import EnsembleCrossEntropy, EnsembleLogits
 from .feature_batch import CachedFeaturePrepareBatch, OnlineFeaturePrepareBatch
 from .feature_cache import FeatureCache
+from .prepare_batch import CorruptionPrepareBatch
 
-__all__ += ["FeatureCache", "CachedFeaturePrepareBatch", "OnlineFeaturePrepareBatch"]
+__all__ = [
+    "CachedFeaturePrepareBatch",
+    "CorruptionPrepareBatch",
+    "EnsembleCrossEntropy",
+    "EnsembleLogits",
+    "FeatureCache",
+    "OnlineFeaturePrepareBatch",
+]

@@ -1,8 +1,17 @@
-"""Prepare-batch callables that turn a batch into ``(features, labels)`` for training a pixel head.
+"""Prepare-batch callables that turn a batch into head inputs and labels for training a pixel head.
 
-With MONAI's ``SupervisedTrainer(network=head, loss_function=torch.nn.CrossEntropyLoss(ignore_index=255),
-prepare_batch=...)`` the stock iteration computes ``loss(head(features), labels)``; the frozen extractor lives in
-the prepare-batch object, outside the trained network, so the optimiser and checkpoints only see the head.
+With MONAI's ``SupervisedTrainer(network=..., loss_function=torch.nn.CrossEntropyLoss(ignore_index=255),
+prepare_batch=...)`` the stock iteration computes ``loss(network(inputs, *args, **kwargs), labels)``; the frozen
+extractor lives in the prepare-batch object, outside the trained network, so the optimiser and checkpoints only
+see the head. Two kinds of inputs:
+
+* assembled features (B, C, *spatial): :class:`OnlineFeaturePrepareBatch` and
+  ``CachedFeaturePrepareBatch(extractor, blockwise=False)``; the trainer's network is the plain head;
+* native-resolution blocks: ``CachedFeaturePrepareBatch(extractor)`` (``blockwise=True``, the default) returns
+  ``(blocks, labels, (), {"spatial_size": ..., "norms": ...})`` and the trainer's network is
+  :class:`~monai_mdm.networks.pixel_head.BlockwiseHead` ``(head)``, which computes the same logits with
+  :meth:`~monai_mdm.networks.pixel_head.PixelMLPHead.forward_blocks` without building the assembled map
+  (several times faster; the first layer runs at the blocks' own resolutions).
 
 Label convention: labels come back as (B, *spatial) int64 (channel dim dropped), which is what
 ``torch.nn.CrossEntropyLoss`` wants; pixels without a label carry ``ignore_index`` (255, as in the FFHQ-34 /
@@ -40,15 +49,25 @@ def _labels(batch: Mapping[str, Any], key: str, device: Any, non_blocking: bool)
 
 
 class CachedFeaturePrepareBatch(PrepareBatch):
-    """Batch of :class:`~monai_mdm.engines.feature_cache.FeatureCache` items -> (normalised features, labels).
+    """Batch of :class:`~monai_mdm.engines.feature_cache.FeatureCache` items -> head inputs and labels.
 
-    The cached native-resolution blocks are moved to ``device``, upsampled to the label size, concatenated and
-    divided by the stored float32 norms (so fp16 caching does not change the normalisation).
+    The cached native-resolution blocks are moved to ``device``; the stored float32 norms (so fp16 caching does
+    not change the normalisation) are used when the extractor normalises, and recomputed from the blocks when the
+    batch has none.
+
+    * ``blockwise=True`` (default, the fast path): returns ``(blocks, labels, (), {"spatial_size": label size,
+      "norms": (B,) or None})`` for a trainer whose network is ``BlockwiseHead(head)``: MONAI's
+      ``SupervisedTrainer`` then calls ``head.forward_blocks(blocks, spatial_size=..., norms=...)``, which gives
+      the same logits as the head on the assembled features without ever building them. The trainer stores the
+      block list as ``engine.state.output["image"]``: use ``decollate=False`` (as the bundles do).
+    * ``blockwise=False``: returns ``(features, labels)``, the blocks upsampled to the label size, concatenated
+      and normalised by ``extractor.assemble`` (B, out_channels, *spatial) float32, for the plain head.
 
     Args:
         extractor: the extractor that filled the cache (only its assembly settings are used here).
         blocks_key / label_key / norm_key: keys of the collated batch.
         ignore_index: label value that the loss must ignore (documented convention; labels pass unchanged).
+        blockwise: return the blocks for ``BlockwiseHead`` (default) instead of the assembled features.
     """
 
     def __init__(
@@ -58,10 +77,12 @@ class CachedFeaturePrepareBatch(PrepareBatch):
         label_key: str = CommonKeys.LABEL,
         norm_key: str = "norm",
         ignore_index: int = 255,
+        blockwise: bool = True,
     ) -> None:
         self.extractor = extractor
         self.blocks_key, self.label_key, self.norm_key = blocks_key, label_key, norm_key
         self.ignore_index = int(ignore_index)
+        self.blockwise = bool(blockwise)
 
     def __call__(
         self,
@@ -69,16 +90,30 @@ class CachedFeaturePrepareBatch(PrepareBatch):
         device: str | torch.device | None = None,
         non_blocking: bool = False,
         **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor, tuple, dict[str, Any]]:
         if not isinstance(batchdata, Mapping) or self.blocks_key not in batchdata:
             raise KeyError(f"expected a dict batch with '{self.blocks_key}' (collated FeatureCache items).")
         blocks = [_plain(b).to(device=device, non_blocking=non_blocking) for b in batchdata[self.blocks_key]]
         labels = _labels(batchdata, self.label_key, device, non_blocking)
+        spatial_size = tuple(int(s) for s in labels.shape[1:])
         norms = batchdata.get(self.norm_key)
         if norms is not None:
             norms = _plain(torch.as_tensor(norms)).to(device=device, non_blocking=non_blocking).reshape(-1)
-        features = self.extractor.assemble(blocks, labels.shape[1:], norms=norms)
-        return features, labels
+        if not self.blockwise:
+            features = self.extractor.assemble(blocks, spatial_size, norms=norms)
+            return features, labels
+        if len(blocks) != len(self.extractor.blocks):
+            raise ValueError(
+                f"expected {len(self.extractor.blocks)} blocks (for blocks {self.extractor.blocks}), got {len(blocks)}."
+            )
+        if not self.extractor.normalize:
+            norms = None  # as extractor.assemble: stored norms are ignored when the extractor does not normalise
+        elif norms is None:
+            with torch.no_grad():
+                norms = self.extractor.assemble_norms(blocks, spatial_size)
+        if norms is not None:
+            norms = norms.float()
+        return blocks, labels, (), {"spatial_size": spatial_size, "norms": norms}
 
 
 class OnlineFeaturePrepareBatch(PrepareBatch):

@@ -2,10 +2,11 @@ from .checkpoint import StopAtIteration, TrainingCheckpoint, find_latest_checkpo
 from .ema import EMA
 from .training import EarlyStopOnLoss, SaveModel
 from .reconstruction_grid import ReconstructionGridSaver, reconstruction_grid
-from .segmentation_report import SegmentationReport
+from .segmentation_report import ClassIoUReport, SegmentationReport
 from .tracking import LogSettings, log_artifact, mlflow_handlers
 
 __all__ = [
+    "ClassIoUReport",
     "EMA",
     "EarlyStopOnLoss",
     "SaveModel",

@@ -3,6 +3,14 @@
 A 1x1 convolution over a (B, C, *spatial) map is the same MLP applied to every pixel, and BatchNorm over
 (B, *spatial) equals BatchNorm1d over the flattened pixels, so the head trains on whole crops (every pixel a
 sample, as in the reference) and plugs straight into sliding-window inference.
+
+Training on cached native-resolution decoder blocks does not need the assembled feature map: the first layer is
+a 1x1 convolution (linear, per pixel), bi/trilinear upsampling is linear and acts on each channel alike, and the
+L2 normalisation is one scalar per image, so ``conv1(concat_i(up(b_i)) / n) = sum_i up(W_i b_i) / n + bias`` with
+``W_i`` the first layer's weight columns for block ``i``. :meth:`PixelMLPHead.forward_blocks` computes the right
+side: each projection runs at the block's native resolution and only ``h1``-channel maps are upsampled, so the
+``in_channels``-wide map (1728 x 256 x 256 fp32 = 453 MB for the paper's blocks 8..12) is never built.
+:class:`BlockwiseHead` exposes it as a trainer's ``network``.
 """
 
 from __future__ import annotations
@@ -10,15 +18,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from monai.networks.layers.factories import Conv, Norm
 from torch import nn
 
-__all__ = ["PixelMLPHead", "PixelHeadEnsemble", "default_hidden_channels"]
+__all__ = ["PixelMLPHead", "PixelHeadEnsemble", "BlockwiseHead", "default_hidden_channels"]
+
+_EPS = 1e-12  # norms are clamped to this, as MDMFeatureExtractor.assemble does
 
 
 def default_hidden_channels(num_classes: int) -> tuple[int, int]:
     """The reference's widths: (128, 32), or (256, 128) for 30 classes or more (e.g. FFHQ-34)."""
     return (256, 128) if num_classes >= 30 else (128, 32)
+
+
+def _project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """1x1 convolution of (B, C, *spatial) by a (O, C) matrix, no bias."""
+    conv = F.conv2d if x.ndim == 4 else F.conv3d
+    return conv(x, weight.reshape(*weight.shape, *([1] * (x.ndim - 2))))
 
 
 class PixelMLPHead(nn.Module):
@@ -69,6 +86,90 @@ class PixelMLPHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
+
+    def forward_blocks(
+        self,
+        blocks: Sequence[torch.Tensor],
+        spatial_size: Sequence[int],
+        norms: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits for native-resolution feature blocks, equal to ``forward(assembled features)``.
+
+        The assembled features are ``concat_i(up(blocks[i])) / norms`` as
+        :meth:`~monai_mdm.networks.features.MDMFeatureExtractor.assemble` builds them (bi/trilinear,
+        ``align_corners=False``; a block already of ``spatial_size`` is used as it is). Here the first 1x1 conv's
+        weight is split by the blocks' channel counts, each block (or the concatenation of the blocks that share a
+        resolution) is projected to the first hidden width at its own resolution and divided by the norms there,
+        the projections are upsampled and summed, and the bias is added; the rest of the head runs as in
+        :meth:`forward`. The result equals :meth:`forward` up to float rounding (the sums and the scaling run in
+        another order).
+
+        Args:
+            blocks: (B, C_i, *native_i) tensors in the order of the head's input channels, any float dtype
+                (computed in the head's dtype); ``sum(C_i)`` must be ``in_channels``.
+            spatial_size: the output (crop) size, e.g. the labels' spatial shape.
+            norms: optional (B,) per-image L2 norms to divide by (clamped to 1e-12 as ``assemble`` does);
+                ``None`` = no normalisation.
+
+        Returns:
+            logits (B, num_classes, *spatial_size).
+        """
+        blocks = list(blocks)
+        if not blocks:
+            raise ValueError("forward_blocks needs at least one block.")
+        size = tuple(int(s) for s in spatial_size)
+        nd = self.spatial_dims
+        if len(size) != nd:
+            raise ValueError(f"spatial_size {size} does not have {nd} dims.")
+        bad = [tuple(b.shape) for b in blocks if b.ndim != nd + 2 or b.shape[0] != blocks[0].shape[0]]
+        if bad:
+            raise ValueError(f"blocks must be (B, C, *spatial) with {nd} spatial dims and one batch size, got {bad}.")
+        widths = [int(b.shape[1]) for b in blocks]
+        if sum(widths) != self.in_channels:
+            raise ValueError(
+                f"the blocks have {widths} = {sum(widths)} channels but the head expects {self.in_channels}."
+            )
+        first: nn.Module = self.layers[0]
+        weight = first.weight.flatten(1)  # (h1, in_channels)
+        offsets = [0]
+        for w in widths:
+            offsets.append(offsets[-1] + w)
+        batch = int(blocks[0].shape[0])
+        n = None
+        if norms is not None:
+            n = torch.as_tensor(norms).to(device=weight.device, dtype=weight.dtype).reshape(-1).clamp_min(_EPS)
+            if n.numel() not in (1, batch):
+                raise ValueError(f"got {n.numel()} norms for a batch of {batch}.")
+            n = n.view(-1, *([1] * (nd + 1)))
+        # blocks of one resolution share an upsampling: project their concatenation with one matrix
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, b in enumerate(blocks):
+            groups.setdefault(tuple(b.shape[2:]), []).append(i)
+        out: torch.Tensor | None = None
+        for native, members in groups.items():
+            if len(members) == 1:
+                x = blocks[members[0]].to(weight.dtype)
+            else:  # one pass: cast (e.g. from fp16) and concatenate into one buffer
+                width = sum(widths[i] for i in members)
+                x = blocks[members[0]].new_empty((batch, width, *native), dtype=weight.dtype)
+                c = 0
+                for i in members:
+                    x[:, c : c + widths[i]].copy_(blocks[i])
+                    c += widths[i]
+            w = torch.cat([weight[:, offsets[i] : offsets[i + 1]] for i in members], dim=1)
+            y = _project(x, w)  # the first 1x1 conv without its bias, at native resolution
+            if n is not None:
+                y = y / n  # the per-image scale commutes with the upsampling: apply it where the map is small
+            if native != size:
+                mode = "bilinear" if nd == 2 else "trilinear"
+                y = F.interpolate(y, size=size, mode=mode, align_corners=False)
+            out = y if out is None else out.add_(y)  # in place on a map made here (autograd saved none of them)
+        assert out is not None
+        if first.bias is not None:
+            # last, as the conv adds it: the normalised signal is tiny next to a trained bias, so adding the bias
+            # before the upsampling would round the signal more coarsely
+            out = out.add_(first.bias.view(1, -1, *([1] * nd)))
+        return self.layers[1:](out)
 
     def config(self) -> dict:
         """Constructor arguments, so that a saved head can be rebuilt."""
@@ -152,7 +253,10 @@ class PixelHeadEnsemble(nn.Module):
         return torch.stack([h(x).softmax(dim=1) for h in self.heads])
 
     def _scores_and_distribution(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = self.probabilities(x)
+        return self._blend(self.probabilities(x))
+
+    def _blend(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, distribution) from the stacked per-head probabilities (N, B, classes, *spatial)."""
         if self.num_heads == 1:
             return probs[0], probs[0]
         votes = torch.zeros_like(probs).scatter_(2, probs.argmax(dim=2, keepdim=True), 1.0).mean(dim=0)
@@ -163,6 +267,17 @@ class PixelHeadEnsemble(nn.Module):
         """Class scores (B, classes, *spatial): probabilities (1 head) or tie-broken vote fractions (N heads)."""
         return self._scores_and_distribution(x)[0]
 
+    def forward_blocks(
+        self,
+        blocks: Sequence[torch.Tensor],
+        spatial_size: Sequence[int],
+        norms: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:meth:`forward` of native-resolution blocks (see :meth:`PixelMLPHead.forward_blocks`): class scores
+        (B, classes, *spatial_size) equal, up to float rounding, to ``forward`` of the assembled features."""
+        probs = torch.stack([h.forward_blocks(blocks, spatial_size, norms).softmax(dim=1) for h in self.heads])
+        return self._blend(probs)[0]
+
     def predict_with_uncertainty(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores, entropy)``: entropy (B, 1, *spatial), natural log, of the pure vote fractions (N heads) or
         of the probabilities (1 head); 0 when all heads agree, log 2 for a 50/50 split."""
@@ -172,3 +287,37 @@ class PixelHeadEnsemble(nn.Module):
     def uncertainty(self, x: torch.Tensor) -> torch.Tensor:
         """Per-pixel entropy map (B, 1, *spatial); see :meth:`predict_with_uncertainty`."""
         return self.predict_with_uncertainty(x)[1]
+
+
+class BlockwiseHead(nn.Module):
+    """A head as a trainer's ``network`` for native-resolution blocks: ``forward(blocks, spatial_size, norms)``.
+
+    MONAI's ``SupervisedTrainer`` calls ``network(inputs, *args, **kwargs)`` with what the prepare-batch returns;
+    :class:`~monai_mdm.engines.feature_batch.CachedFeaturePrepareBatch` (``blockwise=True``, the default) returns
+    ``(blocks, labels, (), {"spatial_size": ..., "norms": ...})``, which this wrapper hands to
+    ``head.forward_blocks``. The wrapper owns no parameters of its own: optimise ``head.parameters()`` (the same
+    tensors as ``wrapper.parameters()``) and save the plain ``head`` (e.g. in ``MDMSegmenter(extractor, head)``);
+    its ``state_dict`` keys carry a ``head.`` prefix.
+
+    Args:
+        head: a :class:`PixelMLPHead` or :class:`PixelHeadEnsemble` (anything with ``forward_blocks``).
+    """
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        if not callable(getattr(head, "forward_blocks", None)):
+            raise TypeError(f"{type(head).__name__} has no forward_blocks(blocks, spatial_size, norms) method.")
+        self.head = head
+
+    def forward(
+        self,
+        blocks: Sequence[torch.Tensor],
+        spatial_size: Sequence[int],
+        norms: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if torch.is_tensor(blocks):
+            raise TypeError(
+                "BlockwiseHead expects a list of native-resolution blocks, got one tensor; assembled features go "
+                "to the plain head (use CachedFeaturePrepareBatch(extractor, blockwise=True) with this wrapper)."
+            )
+        return self.head.forward_blocks(blocks, spatial_size, norms)
