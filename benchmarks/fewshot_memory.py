@@ -8,8 +8,11 @@ The script measures, in one process:
 1. the host memory: the feature cache's own size (``FeatureCache.nbytes``) and the process's peak resident set
    size (``VmHWM``) after building the cache and training the head for ``--steps`` steps on it;
 2. the time to build the cache and the time of one head-training step with the cache
-   (``CachedFeaturePrepareBatch``) and when the features are recomputed for every batch, as the reference code
-   does (``OnlineFeaturePrepareBatch``), and from those the total for ``--epochs`` epochs both ways;
+   (``CachedFeaturePrepareBatch`` + ``BlockwiseHead``: the head's first layer runs on the native-resolution
+   blocks, the assembled feature map is never built; ``--assembled-cache``: the old way, upsample, concatenate
+   and normalise the blocks, then the plain head) and when the features are recomputed for every batch, as the
+   reference code does (``OnlineFeaturePrepareBatch``), and from those the total for ``--epochs`` epochs both
+   ways;
 3. the time of the paper's sliding-window inference (256 px windows, overlap 0.2, Gaussian blending) over one
    full-size image with ``MDMSegmenter``;
 4. for comparison, the RAM DDPM-seg's approach would need (every training pixel's float32 features), computed
@@ -20,6 +23,7 @@ Weights are random and the images synthetic (only memory and time matter). Examp
     python benchmarks/fewshot_memory.py                                  # the paper's setting (slow on a CPU)
     python benchmarks/fewshot_memory.py --preset paper --num-images 2 --steps 2
     python benchmarks/fewshot_memory.py --preset tiny --crop-size 64 --blocks 3 4 5 6 7 --num-images 8 --steps 5
+    python benchmarks/fewshot_memory.py --preset paper --num-images 2 --steps 3 --assembled-cache
     python benchmarks/fewshot_memory.py --device cuda
 
 See ``benchmarks/README.md`` for what each figure means.
@@ -57,7 +61,7 @@ from monai_mdm.engines.feature_cache import FeatureCache  # noqa: E402
 from monai_mdm.inferers.segmenter import MDMSegmenter, make_sliding_window_inferer  # noqa: E402
 from monai_mdm.networks.features import MDMFeatureExtractor  # noqa: E402
 from monai_mdm.networks.mdm_unet import MDMUNet  # noqa: E402
-from monai_mdm.networks.pixel_head import PixelMLPHead  # noqa: E402
+from monai_mdm.networks.pixel_head import BlockwiseHead, PixelMLPHead  # noqa: E402
 
 #: decoder blocks used when ``--blocks`` is not given (paper: the medical setting; tiny: its counterpart)
 DEFAULT_BLOCKS = {"paper": (8, 9, 10, 11, 12), "tiny": (3, 4, 5, 6, 7)}
@@ -236,9 +240,9 @@ def make_head_and_optimizer(in_channels: int, num_classes: int, device: torch.de
 
 
 def train_steps(
-    prepare_batch: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    prepare_batch: Callable[..., tuple],
     next_batch: Callable[[int], dict[str, Any]],
-    head: torch.nn.Module,
+    network: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     steps: int,
     warmup: int,
@@ -246,9 +250,11 @@ def train_steps(
 ) -> tuple[list[float], float]:
     """Run ``warmup + steps`` training iterations; wall seconds of each timed one and the last loss.
 
-    One timed iteration = ``prepare_batch(batch, device)`` (assemble cached features, or run the frozen network)
-    + head forward + cross-entropy + backward + Adam step. Producing the batch itself (a cache item, or a random
-    crop of a synthetic image, collated) is done before the clock starts, for both ways alike.
+    One timed iteration = ``prepare_batch(batch, device)`` (cached blocks to the device, or assembled cached
+    features, or a frozen network forward) + ``network(inputs, *args, **kwargs)`` (as MONAI's SupervisedTrainer
+    calls it: the prepare-batch may return ``(inputs, labels)`` or ``(inputs, labels, args, kwargs)``) +
+    cross-entropy + backward + Adam step. Producing the batch itself (a cache item, or a random crop of a
+    synthetic image, collated) is done before the clock starts, for both ways alike.
     """
     loss_fn = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
     times: list[float] = []
@@ -257,9 +263,11 @@ def train_steps(
         batch = next_batch(i)
 
         def iteration() -> float:
-            features, labels = prepare_batch(batch, device)
+            prepared = prepare_batch(batch, device)
+            inputs, labels = prepared[:2]
+            args, kwargs = (prepared[2], prepared[3]) if len(prepared) == 4 else ((), {})
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(head(features), labels)
+            loss = loss_fn(network(inputs, *args, **kwargs), labels)
             loss.backward()
             optimizer.step()
             return float(loss.detach())
@@ -351,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--fp16-cache", action=argparse.BooleanOptionalAction, default=True,
         help="store the cached blocks in float16 (--no-fp16-cache: float32)",
     )  # fmt: skip
+    p.add_argument(
+        "--assembled-cache", action="store_true",
+        help="cached steps build the assembled feature map for the plain head (the old way) instead of running "
+        "the head's first layer blockwise on the native-resolution blocks (BlockwiseHead)",
+    )  # fmt: skip
     p.add_argument("--tiles", action="store_true", help="H&E-like synthetic tiles instead of noise images")
     p.add_argument("--skip-inference", action="store_true", help="leave out the sliding-window timing")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -395,6 +408,8 @@ def run_benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser, dev
     blocks = tuple(args.blocks) if args.blocks else DEFAULT_BLOCKS[args.preset]
     crop = (args.crop_size, args.crop_size)
     n_img, k = args.num_images, args.crops_per_image
+    blockwise = not args.assembled_cache
+    cached_way = "blockwise" if blockwise else "assembled"
     host = HostPeak()
     rss_start = current_rss_mib()
 
@@ -420,7 +435,7 @@ def run_benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser, dev
     print(
         f"           steps={args.steps} warmup={args.warmup} epochs={args.epochs} fp16_cache={args.fp16_cache} "
         f"extract_batch={args.extract_batch} sw_batch={args.sw_batch} overlap={OVERLAP} t=50 device={device.type} "
-        f"seed={args.seed}"
+        f"seed={args.seed} cached_head={cached_way}"
     )
     for line in describe_machine(device):
         print(line)
@@ -450,21 +465,24 @@ def run_benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser, dev
     print(f"cache built: {len(cache)} crops in {build_s:.2f} s, {cache_bytes / MIB:.1f} MiB", flush=True)
 
     _gpu_reset(device)
-    cached_prepare = CachedFeaturePrepareBatch(extractor, ignore_index=IGNORE_INDEX)
+    cached_prepare = CachedFeaturePrepareBatch(extractor, ignore_index=IGNORE_INDEX, blockwise=blockwise)
     head, opt = make_head_and_optimizer(channels, args.num_classes, device, args.seed)
+    cached_network = BlockwiseHead(head) if blockwise else head  # the bundles' trainer network in cached mode
 
     def cached_batch(i: int) -> dict[str, Any]:
         first = (i * args.batch) % len(cache)
         return default_collate([cache[(first + j) % len(cache)] for j in range(args.batch)])
 
-    cached_times, cached_loss = train_steps(cached_prepare, cached_batch, head, opt, args.steps, args.warmup, device)
+    cached_times, cached_loss = train_steps(
+        cached_prepare, cached_batch, cached_network, opt, args.steps, args.warmup, device
+    )
     peak_cache_train = host.peak_mib()  # covers the cache build and the cached training
     rss_after_train = current_rss_mib()
     gpu_cached = _gpu_peak_mib(device)
-    print(f"cached training: {args.steps} steps, loss {cached_loss:.4f}", flush=True)
+    print(f"cached training ({cached_way}): {args.steps} steps, loss {cached_loss:.4f}", flush=True)
 
     # ---- 2. the reference's way: a fresh random crop and a network forward every step (cache freed first)
-    del cache, cached_prepare, head, opt
+    del cache, cached_prepare, cached_network, head, opt
     host.reset()
     _gpu_reset(device)
     online_prepare = OnlineFeaturePrepareBatch(extractor, ignore_index=IGNORE_INDEX)
@@ -513,6 +531,10 @@ def run_benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser, dev
     e, s = args.epochs, steps_per_epoch
     h_img, w_img = args.image_size
     cache_kind = "fp16" if args.fp16_cache else "fp32"
+    if blockwise:
+        cached_step = "blockwise: layer 1 at native resolution, no assembled map + head fwd/CE/bwd/Adam"
+    else:
+        cached_step = "assembled: upsample+concat+normalise + head fwd/CE/bwd/Adam"
 
     rows: list[tuple[str, float | int, str, str, str]] = [
         ("rss_before_cache", rss_before, "MiB", "measured",
@@ -534,8 +556,7 @@ def run_benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser, dev
          f"building the cache: {n_img * k} crops, one network forward each (features computed once)"),
         ("cache_build_per_crop", build_s / (n_img * k), "s", "measured", "cache_build_time / crops"),
         ("step_cached", step_c * 1e3, "ms", "measured",
-         f"median head step with the cache (assemble + head fwd/CE/bwd/Adam), batch {args.batch}, "
-         f"{len(cached_times)} steps"),
+         f"median head step with the cache ({cached_step}), batch {args.batch}, {len(cached_times)} steps"),
         ("step_recompute", step_o * 1e3, "ms", "measured",
          f"median head step recomputing features (network forward + the same), {len(online_times)} steps"),
         ("speedup_per_step", step_o / step_c, "x", "computed", "step_recompute / step_cached"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -97,3 +98,160 @@ def test_ensemble_heads_trainable_separately():
     assert all(torch.equal(a, b) for a, b in zip(before, ens.heads[0].parameters()))
     with pytest.raises(ValueError):
         PixelHeadEnsemble(8, 3, num_heads=0)
+
+
+# ----------------------------------------------------------------------------- forward_blocks (factorised layer 1)
+
+
+def _extractor(spatial_dims: int, normalize: bool = True):
+    from monai_mdm.networks import MDMFeatureExtractor, MDMUNet
+
+    torch.manual_seed(0)
+    if spatial_dims == 2:
+        # interleaved resolutions (32x48, 16x24, 32x48, 16x24): the weight columns of a resolution group are not
+        # contiguous, and two blocks need no upsampling at all
+        return MDMFeatureExtractor(MDMUNet.from_preset("tiny"), blocks=(5, 2, 8, 3), normalize=normalize), (32, 48)
+    return MDMFeatureExtractor(MDMUNet.from_preset("tiny3d"), blocks=(3, 2, 4), normalize=normalize), (16, 16, 16)
+
+
+def _head_with_bias(in_channels: int, spatial_dims: int, seed: int = 1) -> PixelMLPHead:
+    torch.manual_seed(seed)
+    head = PixelMLPHead(in_channels, 3, spatial_dims=spatial_dims)
+    for m in head.modules():  # trained heads have biases; the init has none
+        if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+            nn.init.normal_(m.bias, 0.0, 0.05)
+    return head
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_forward_blocks_equals_forward_on_assembled(spatial_dims, normalize, training):
+    ex, size = _extractor(spatial_dims, normalize)
+    x = torch.rand(2, ex.network.in_channels, *size, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    blocks = ex.extract_blocks(x)
+    assert len({tuple(b.shape[2:]) for b in blocks}) == 2 and any(tuple(b.shape[2:]) == size for b in blocks)
+    norms = ex.assemble_norms(blocks, size) if normalize else None
+    head = _head_with_bias(ex.out_channels, spatial_dims).train(training)
+    if not training:  # non-trivial running statistics
+        for m in head.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+
+    # exact in float64: the factorisation is an identity, not an approximation
+    h64 = copy.deepcopy(head).double()
+    b64 = [b.double() for b in blocks]
+    n64 = None if norms is None else norms.double()
+    mode = "bilinear" if spatial_dims == 2 else "trilinear"
+    ups = [
+        b if tuple(b.shape[2:]) == size else nn.functional.interpolate(b, size, mode=mode, align_corners=False)
+        for b in b64
+    ]
+    feats64 = torch.cat(ups, dim=1)  # the assembled map, as MDMFeatureExtractor.assemble builds it
+    if n64 is not None:
+        feats64 = feats64 / n64.view(-1, *([1] * (spatial_dims + 1)))
+    ref = h64(feats64)
+    got64 = h64.forward_blocks(b64, size, n64)
+    assert got64.shape == (2, 3, *size)
+    assert torch.allclose(got64, ref, rtol=0, atol=1e-10 * float(ref.abs().max()))
+
+    # float32: rounding only. In training mode BatchNorm subtracts the batch mean of ``W f + b``, where the
+    # normalised signal ``W f`` is tiny next to the bias; the assembled path rounds ``W f + b`` over all channels
+    # at once and loses more of the signal (~1e-4 of the output scale) than forward_blocks, which adds the bias
+    # to the summed signal last (~1e-5): compare both with the float64 result.
+    scale = float(ref.abs().max())
+    assembled = head(ex.assemble(blocks, size, norms=norms))
+    blockwise = head.forward_blocks(blocks, size, norms)
+    assert blockwise.dtype == torch.float32
+    err_blockwise = float((blockwise.double() - ref).abs().max())
+    err_assembled = float((assembled.double() - ref).abs().max())
+    assert err_blockwise < 1e-4 * scale and err_blockwise <= 1.5 * err_assembled + 1e-6 * scale
+    assert torch.allclose(blockwise, assembled, rtol=1e-4, atol=5e-4 * scale)
+    # fp16 blocks (as cached) are computed in the head's dtype
+    half = head.forward_blocks([b.half() for b in blocks], size, norms)
+    assert half.dtype == torch.float32
+    assert torch.allclose(half, head(ex.assemble([b.half() for b in blocks], size, norms=norms)), atol=1e-3)
+
+
+def test_forward_blocks_same_loss_and_gradients():
+    """One training step's loss and gradients: forward_blocks vs the head on the assembled features (fp32)."""
+    ex, size = _extractor(2)
+    x = torch.rand(3, 3, *size, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    blocks = ex.extract_blocks(x)
+    norms = ex.assemble_norms(blocks, size)
+    labels = torch.randint(0, 3, (3, *size), generator=torch.Generator().manual_seed(5))
+    labels[:, :2] = 255  # ignored pixels, as in the cache's padding
+    loss_fn = nn.CrossEntropyLoss(ignore_index=255)
+
+    def step(head, blockwise, dtype=torch.float32):
+        head = copy.deepcopy(head).to(dtype).train()
+        bl = [b.to(dtype) for b in blocks]
+        n = norms.to(dtype)
+        logits = head.forward_blocks(bl, size, n) if blockwise else head(ex.assemble(blocks, size, norms=norms))
+        loss = loss_fn(logits, labels)
+        loss.backward()
+        return loss, head
+
+    # the first step of training: a freshly initialised head (zero biases)
+    torch.manual_seed(1)
+    fresh = PixelMLPHead(ex.out_channels, 3)
+    loss_a, head_a = step(fresh, blockwise=False)
+    loss_b, head_b = step(fresh, blockwise=True)
+    assert torch.allclose(loss_a, loss_b, rtol=1e-4)
+    for (name, pa), pb in zip(head_a.named_parameters(), head_b.parameters()):
+        scale = float(pa.grad.abs().max())
+        assert scale > 0, name
+        assert torch.allclose(pa.grad, pb.grad, rtol=1e-4, atol=1e-4 * scale), name
+    for ma, mb in zip(head_a.modules(), head_b.modules()):  # the running statistics move the same way
+        if isinstance(ma, nn.BatchNorm2d):
+            assert torch.allclose(ma.running_mean, mb.running_mean, rtol=1e-4, atol=1e-7)
+            assert torch.allclose(ma.running_var, mb.running_var, rtol=1e-4, atol=1e-7)
+
+    # a head with biases (as after some training): forward_blocks stays within 1e-4 of the float64 gradients
+    biased = _head_with_bias(ex.out_channels, 2)
+    loss_b, head_b = step(biased, blockwise=True)
+    loss_r, head_r = step(biased, blockwise=True, dtype=torch.float64)
+    assert torch.allclose(loss_b.double(), loss_r, rtol=1e-5)
+    for (name, pb), pr in zip(head_b.named_parameters(), head_r.parameters()):
+        scale = float(pr.grad.abs().max())
+        assert torch.allclose(pb.grad.double(), pr.grad, rtol=1e-4, atol=1e-4 * scale), name
+
+
+def test_forward_blocks_ensemble_and_wrapper():
+    from monai_mdm.networks import BlockwiseHead
+
+    ex, size = _extractor(2)
+    blocks = ex.extract_blocks(torch.rand(2, 3, *size) * 2 - 1)
+    norms = ex.assemble_norms(blocks, size)
+    feats = ex.assemble(blocks, size, norms=norms)
+    torch.manual_seed(3)
+    ens = PixelHeadEnsemble(ex.out_channels, 2, num_heads=3).eval()
+    assert torch.allclose(ens.forward_blocks(blocks, size, norms), ens(feats), atol=1e-5)
+
+    head = _head_with_bias(ex.out_channels, 2).eval()
+    wrapper = BlockwiseHead(head)
+    assert [p is q for p, q in zip(wrapper.parameters(), head.parameters())] == [True] * len(list(head.parameters()))
+    assert torch.allclose(wrapper(blocks, spatial_size=size, norms=norms), head(feats), rtol=1e-4, atol=1e-6)
+    wrapper.train()
+    assert head.training  # the trainer's network.train() reaches the head
+    with pytest.raises(TypeError, match="list of native-resolution blocks"):
+        wrapper(feats, spatial_size=size)
+    with pytest.raises(TypeError, match="forward_blocks"):
+        BlockwiseHead(nn.Conv2d(4, 2, 1))
+
+
+def test_forward_blocks_errors():
+    head = PixelMLPHead(10, 2)
+    good = [torch.randn(2, 6, 4, 4), torch.randn(2, 4, 8, 8)]
+    assert head.forward_blocks(good, (8, 8)).shape == (2, 2, 8, 8)
+    with pytest.raises(ValueError, match="expects 10"):
+        head.forward_blocks([torch.randn(2, 6, 4, 4)], (8, 8))
+    with pytest.raises(ValueError, match="one batch size"):
+        head.forward_blocks([torch.randn(2, 6, 4, 4), torch.randn(3, 4, 8, 8)], (8, 8))
+    with pytest.raises(ValueError, match="2 dims"):
+        head.forward_blocks(good, (8, 8, 8))
+    with pytest.raises(ValueError, match="3 norms"):
+        head.forward_blocks(good, (8, 8), torch.ones(3))
+    with pytest.raises(ValueError, match="at least one block"):
+        head.forward_blocks([], (8, 8))

@@ -1,4 +1,5 @@
-"""MDMSegmenter with sliding windows, save/load, and head training on cached vs online features."""
+"""MDMSegmenter with sliding windows, save/load, and head training on cached (assembled or blockwise) vs online
+features."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from monai_mdm.engines import CachedFeaturePrepareBatch, FeatureCache, OnlineFeaturePrepareBatch
 from monai_mdm.inferers import MDMSegmenter, make_sliding_window_inferer
-from monai_mdm.networks import MDMFeatureExtractor, MDMUNet, PixelHeadEnsemble, PixelMLPHead
+from monai_mdm.networks import BlockwiseHead, MDMFeatureExtractor, MDMUNet, PixelHeadEnsemble, PixelMLPHead
 
 BLOCKS = (5, 6, 7, 8)
 
@@ -94,7 +95,7 @@ def test_cached_equals_online(net):
     images = torch.stack([im[(slice(None), *cache.crop_slices(i)[1])] for (im, _), i in zip(crops, idx)])
     labels = torch.stack([lb[(slice(None), *cache.crop_slices(i)[1])] for (_, lb), i in zip(crops, idx)])
     batch = torch.utils.data.default_collate([cache[i] for i in idx])
-    cached, cached_labels = CachedFeaturePrepareBatch(ex)(batch)
+    cached, cached_labels = CachedFeaturePrepareBatch(ex, blockwise=False)(batch)
     online_batch = {"image": images, "label": labels, "mask_seed": batch["mask_seed"]}
     online, online_labels = OnlineFeaturePrepareBatch(ex, seed_key="mask_seed")(online_batch)
     assert cached.shape == (2, ex.out_channels, 32, 32) and cached_labels.shape == (2, 32, 32)
@@ -103,43 +104,84 @@ def test_cached_equals_online(net):
     # without per-crop seeds, the extractor's fixed seed applies on both paths
     plain = FeatureCache(ex, pairs[:1], crop_size=32, crops_per_image=1, fp16=False, vary_masks=False, seed=5)
     im = pairs[0][0][(slice(None), *plain.crop_slices(0)[1])][None]
-    cached1, _ = CachedFeaturePrepareBatch(ex)(torch.utils.data.default_collate([plain[0]]))
+    cached1, _ = CachedFeaturePrepareBatch(ex, blockwise=False)(torch.utils.data.default_collate([plain[0]]))
     assert torch.allclose(cached1, ex(im), rtol=0, atol=1e-7)
     # fp16 cache: same norms, features within half precision
     half = FeatureCache(ex, pairs[:1], crop_size=32, crops_per_image=1, fp16=True, vary_masks=False, seed=5)
     assert half.nbytes() < plain.nbytes()
-    cached16, _ = CachedFeaturePrepareBatch(ex)(torch.utils.data.default_collate([half[0]]))
+    cached16, _ = CachedFeaturePrepareBatch(ex, blockwise=False)(torch.utils.data.default_collate([half[0]]))
     assert torch.allclose(cached16, cached1, atol=1e-4)
 
 
-def test_head_training_on_cache_reduces_loss(net):
+def test_blockwise_prepare_batch(net):
     ex = MDMFeatureExtractor(net, blocks=BLOCKS, seed=0)
-    cache = FeatureCache(ex, _synthetic(4), crop_size=32, crops_per_image=2, seed=0)
+    cache = FeatureCache(ex, _synthetic(2), crop_size=32, crops_per_image=2, fp16=True, seed=1)
+    batch = torch.utils.data.default_collate([cache[0], cache[3]])
+    blocks, labels, args, kwargs = CachedFeaturePrepareBatch(ex)(batch)  # blockwise is the default
+    assert args == () and set(kwargs) == {"spatial_size", "norms"}
+    assert kwargs["spatial_size"] == (32, 32) and labels.shape == (2, 32, 32) and labels.dtype == torch.long
+    assert [tuple(b.shape) for b in blocks] == [(2, *s) for s in ex.native_shapes((32, 32))]
+    assert blocks[0].dtype == torch.float16  # cast in the head, not copied here
+    assert torch.equal(kwargs["norms"], batch["norm"]) and kwargs["norms"].dtype == torch.float32
+    features, labels2 = CachedFeaturePrepareBatch(ex, blockwise=False)(batch)
+    assert torch.equal(labels, labels2)
+    torch.manual_seed(0)
+    head = PixelMLPHead(ex.out_channels, 2).eval()
+    assert torch.allclose(BlockwiseHead(head)(blocks, *args, **kwargs), head(features), rtol=1e-4, atol=1e-6)
+    # no stored norms: computed from the blocks, as assemble does
+    no_norm = {k: v for k, v in batch.items() if k != "norm"}
+    recomputed = CachedFeaturePrepareBatch(ex)(no_norm)[3]["norms"]
+    assert torch.allclose(recomputed, batch["norm"], rtol=1e-3)  # fp16 blocks vs the exact fp32 norms
+    # an extractor that does not normalise ignores the stored norms on both paths
+    raw = MDMFeatureExtractor(net, blocks=BLOCKS, seed=0, normalize=False)
+    assert CachedFeaturePrepareBatch(raw)(batch)[3]["norms"] is None
+    with pytest.raises(ValueError, match="expected 4 blocks"):
+        CachedFeaturePrepareBatch(ex)({**batch, "blocks": batch["blocks"][:3]})
+
+
+def _train_on_cache(ex, cache, blockwise: bool, epochs: int = 15):
+    """Train a fresh head (seed 0) with SupervisedTrainer on the cache; per-iteration losses and the head."""
     loader = DataLoader(cache, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     head = PixelMLPHead(ex.out_channels, 2)
     losses: list[float] = []
     trainer = SupervisedTrainer(
         device=torch.device("cpu"),
-        max_epochs=15,
+        max_epochs=epochs,
         train_data_loader=loader,
-        network=head,
+        network=BlockwiseHead(head) if blockwise else head,
         optimizer=torch.optim.Adam(head.parameters(), lr=1e-3),
         loss_function=torch.nn.CrossEntropyLoss(ignore_index=255),
-        prepare_batch=CachedFeaturePrepareBatch(ex),
+        prepare_batch=CachedFeaturePrepareBatch(ex, blockwise=blockwise),
         decollate=False,
     )
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def _record(engine):
         losses.append(float(engine.state.output["loss"]))
+        if blockwise:  # the trainer keeps the block list as its "image"
+            assert isinstance(engine.state.output["image"], list)
 
     trainer.run()
-    assert len(losses) == 30
-    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
-    assert last < 0.5 * first, (first, last)
+    return losses, head, loader
+
+
+def test_head_training_on_cache_reduces_loss(net):
+    ex = MDMFeatureExtractor(net, blocks=BLOCKS, seed=0)
+    cache = FeatureCache(ex, _synthetic(4), crop_size=32, crops_per_image=2, seed=0)
+    runs = {mode: _train_on_cache(ex, cache, blockwise=mode) for mode in (False, True)}
+    for losses, _, _ in runs.values():
+        assert len(losses) == 30
+        first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+        assert last < 0.5 * first, (first, last)
+    assembled, blockwise = runs[False][0], runs[True][0]
+    # same batches, same initial head: the first step's loss agrees to rounding, and the runs stay together
+    assert abs(assembled[0] - blockwise[0]) <= 1e-4 * abs(assembled[0])
+    assert max(abs(a - b) for a, b in zip(assembled, blockwise)) < 0.02 * assembled[0]
+
     # Normalised features are ~1e-3 in size, so after only 30 steps the BatchNorm running variance still
     # remembers its initial 1; re-estimate the statistics (cumulative average) before evaluating.
+    _, head, loader = runs[True]
     prepare = CachedFeaturePrepareBatch(ex)
     for m in head.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -147,8 +189,9 @@ def test_head_training_on_cache_reduces_loss(net):
             m.momentum = None
     with torch.no_grad():
         for batch in loader:
-            head(prepare(batch)[0])
-    seg = MDMSegmenter(ex, head, ["bg", "fg"]).eval()
+            blocks, _, args, kwargs = prepare(batch)
+            head.forward_blocks(blocks, *args, **kwargs)
+    seg = MDMSegmenter(ex, head, ["bg", "fg"]).eval()  # the plain head, trained blockwise, on assembled features
     image, label = _synthetic(1, size=(32, 32), seed=9)[0]
     pred = seg.segment(image[None])
     assert (pred[0] == label).float().mean() > 0.9
