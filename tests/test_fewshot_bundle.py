@@ -61,6 +61,9 @@ def test_head_training_saves_segmenter_and_budget(mdm_run, demo_data):
     budget = json.loads((mdm_run / "label_budget.json").read_text())
     # 12 synthetic training images, 20% -> 2, recorded by name
     assert budget["count"] == 2 and len(budget["names"]) == 2 and budget["seed"] == 0
+    from monai_mdm.transforms import PatchMasking
+
+    assert isinstance(model.extractor.corruption, PatchMasking)
     assert all(re.fullmatch(r"train_\d+", n) for n in budget["names"])
     state = torch.load(mdm_run / "models" / "model.pt", weights_only=True)
     # MONAI Label and bundles load network_def weights from the "model" key
@@ -93,7 +96,7 @@ def test_evaluation_writes_tables_predictions_and_overlays(mdm_run, demo_data):
         assert (ev / "predictions" / f"{name}.nii.gz").is_file()
 
 
-def test_recompute_mode_trains_like_the_reference(demo_data, pretrained, tmp_path):
+def test_recompute_mode_and_ddpm_features_train(demo_data, pretrained, tmp_path):
     run(
         config_file=str(GLAS / "train.json"),
         dataset_dir=str(demo_data["glas"]),
@@ -101,9 +104,15 @@ def test_recompute_mode_trains_like_the_reference(demo_data, pretrained, tmp_pat
         pretrained_weights=str(pretrained),
         label_budget=["train_1"],
         feature_mode="recompute",
+        corruption="ddpm",
         **HEAD,
     )
-    assert (tmp_path / "models" / "model.pt").is_file()
+    from monai_mdm.inferers import load_segmentation_model
+    from monai_mdm.transforms import GaussianNoise
+
+    # the DDPM baseline's features: Gaussian noise at t with one shared noise sample instead of masking
+    corruption = load_segmentation_model(tmp_path / "models" / "model.pt").extractor.corruption
+    assert isinstance(corruption, GaussianNoise) and corruption.shared_noise
 
 
 def test_unet_baseline_trains_and_evaluates(demo_data, tmp_path):
