@@ -61,7 +61,8 @@ from monai_mdm.engines.feature_cache import FeatureCache  # noqa: E402
 from monai_mdm.inferers.segmenter import MDMSegmenter, make_sliding_window_inferer  # noqa: E402
 from monai_mdm.networks.features import MDMFeatureExtractor  # noqa: E402
 from monai_mdm.networks.mdm_unet import MDMUNet  # noqa: E402
-from monai_mdm.networks.pixel_head import BlockwiseHead, PixelMLPHead  # noqa: E402
+from monai_mdm.engines.ensemble import EnsembleCrossEntropy, EnsembleLogits  # noqa: E402
+from monai_mdm.networks.pixel_head import BlockwiseHead, PixelHeadEnsemble, PixelMLPHead  # noqa: E402
 
 #: decoder blocks used when ``--blocks`` is not given (paper: the medical setting; tiny: its counterpart)
 DEFAULT_BLOCKS = {"paper": (8, 9, 10, 11, 12), "tiny": (3, 4, 5, 6, 7)}
@@ -233,9 +234,14 @@ class SyntheticLabelledImages:
 # ----------------------------------------------------------------------------- head training
 
 
-def make_head_and_optimizer(in_channels: int, num_classes: int, device: torch.device, seed: int):
+def make_head_and_optimizer(in_channels: int, num_classes: int, device: torch.device, seed: int, num_heads: int = 1):
+    """One head (medical bundles), or an ensemble trained in one engine as the face bundle does (its
+    ``EnsembleLogits`` view takes blocks or features and stacks every head's logits)."""
     torch.manual_seed(seed)
-    head = PixelMLPHead(in_channels, num_classes).to(device).train()
+    if num_heads == 1:
+        head = PixelMLPHead(in_channels, num_classes).to(device).train()
+    else:
+        head = EnsembleLogits(PixelHeadEnsemble(in_channels, num_classes, num_heads)).to(device).train()
     return head, torch.optim.Adam(head.parameters(), lr=HEAD_LR)
 
 
@@ -256,7 +262,8 @@ def train_steps(
     cross-entropy + backward + Adam step. Producing the batch itself (a cache item, or a random crop of a
     synthetic image, collated) is done before the clock starts, for both ways alike.
     """
-    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+    ensemble = isinstance(network, EnsembleLogits)
+    loss_fn = (EnsembleCrossEntropy if ensemble else torch.nn.CrossEntropyLoss)(ignore_index=IGNORE_INDEX)
     times: list[float] = []
     loss_value = float("nan")
     for i in range(warmup + steps):
@@ -348,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crops-per-image", type=int, default=1, help="cached crops per labelled image")
     p.add_argument("--image-size", type=int, nargs=2, default=list(GLAS_SIZE), metavar=("H", "W"))
     p.add_argument("--num-classes", type=int, default=2, help="classes of the head (GlaS: gland / background)")
+    p.add_argument("--num-heads", type=int, default=1, help="heads trained together (faces: an ensemble of 10)")
     p.add_argument("--batch", type=int, default=1, help="crops per head-training step (GlaS: 1, MoNuSeg: 16)")
     p.add_argument("--steps", type=int, default=10, help="timed head-training steps, each way")
     p.add_argument("--warmup", type=int, default=1, help="untimed head-training steps before the timed ones")
@@ -430,7 +438,7 @@ def run_benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser, dev
     print(
         f"settings : preset={args.preset} ({n_params / 1e6:.1f} M parameters, random weights) blocks={list(blocks)} "
         f"channels={channels} crop={crop[0]}x{crop[1]} images={n_img} of {args.image_size[0]}x{args.image_size[1]} "
-        f"({'H&E-like tiles' if args.tiles else 'noise'}) crops/image={k} batch={args.batch} classes={args.num_classes}"
+        f"({'H&E-like tiles' if args.tiles else 'noise'}) crops/image={k} batch={args.batch} classes={args.num_classes} heads={args.num_heads}"
     )
     print(
         f"           steps={args.steps} warmup={args.warmup} epochs={args.epochs} fp16_cache={args.fp16_cache} "
@@ -466,8 +474,9 @@ def run_benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser, dev
 
     _gpu_reset(device)
     cached_prepare = CachedFeaturePrepareBatch(extractor, ignore_index=IGNORE_INDEX, blockwise=blockwise)
-    head, opt = make_head_and_optimizer(channels, args.num_classes, device, args.seed)
-    cached_network = BlockwiseHead(head) if blockwise else head  # the bundles' trainer network in cached mode
+    head, opt = make_head_and_optimizer(channels, args.num_classes, device, args.seed, args.num_heads)
+    # the bundles' trainer network in cached mode (EnsembleLogits takes blocks itself)
+    cached_network = BlockwiseHead(head) if blockwise and args.num_heads == 1 else head
 
     def cached_batch(i: int) -> dict[str, Any]:
         first = (i * args.batch) % len(cache)
@@ -486,7 +495,7 @@ def run_benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser, dev
     host.reset()
     _gpu_reset(device)
     online_prepare = OnlineFeaturePrepareBatch(extractor, ignore_index=IGNORE_INDEX)
-    head, opt = make_head_and_optimizer(channels, args.num_classes, device, args.seed)
+    head, opt = make_head_and_optimizer(channels, args.num_classes, device, args.seed, args.num_heads)
     crop_gen = torch.Generator().manual_seed(args.seed + 1)
 
     def online_batch(i: int) -> dict[str, Any]:
