@@ -201,3 +201,31 @@ def test_load_pretrained_unet_needs_settings_for_a_bare_state_dict(tmp_path):
     with pytest.raises(ValueError, match="monai_mdm.convert"):
         load_pretrained_unet(path, preset=None)
     assert load_pretrained_unet(path, preset="tiny").model_channels == 32
+
+
+@needs_fixture
+def test_converted_checkpoint_drives_the_face_bundle(ref, tmp_path, capsys):
+    """Convert -> train the face bundle on the converted weights -> its saved segmenter's frozen network
+    still reproduces the reference decoder blocks (the bundle used the released weights unchanged)."""
+    from monai.bundle import run
+
+    from conftest import BUNDLES, write_face_parts
+    from monai_mdm.inferers import load_segmentation_model
+
+    source = tmp_path / "released.pt"
+    torch.save({f"module.{k}": v.half() for k, v in ref["state_dict"].items()}, source)
+    converted = tmp_path / "models" / "pretrained.pt"
+    assert main([str(source), "--out", str(converted), "--config", *_config_args(ref["config"])]) == 0
+    data = tmp_path / "faces"
+    write_face_parts(data / "train", n=2, size=32)
+    write_face_parts(data / "test", n=1, size=32, seed=1)
+    out = tmp_path / "run"
+    run(config_file=str(BUNDLES / "mdm_face_parts_fewshot" / "configs" / "train.json"), dataset_dir=str(data),
+        output_dir=str(out), pretrained_weights=str(converted), preset=None, blocks=list(BLOCKS), crop_size=32,
+        num_heads=2, max_epochs=1, warmup_epochs=0)  # fmt: skip
+    segmenter = load_segmentation_model(out / "models" / "model.pt")
+    assert list(segmenter.extractor.blocks) == list(BLOCKS)
+    ex = MDMFeatureExtractor(segmenter.extractor.network, blocks=BLOCKS, timestep=int(ref["timesteps"][0]),
+                             corruption=None, normalize=False)  # fmt: skip
+    for b, got in zip(BLOCKS, ex.extract_blocks(ref["x"][:1])):
+        torch.testing.assert_close(got, ref["output_block_activations"][b][:1], atol=1e-3, rtol=0)
