@@ -14,8 +14,8 @@ from monai_mdm.handlers.tracking import log_artifact
 from monai_mdm.utils import atomic_write
 
 
-def _to_uint8(images: torch.Tensor, value_range: tuple[float, float]) -> np.ndarray:
-    """(B, C, H, W) in ``value_range`` -> (B, H, W, 3) uint8; 3D volumes show their middle slice."""
+def to_uint8_rgb(images: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
+    """(B, C, H, W) in ``value_range`` -> (B, H, W, 3) uint8 for viewing; 3D volumes show their middle slice."""
     x = images.detach().float().cpu()
     while x.ndim > 4:  # (B, C, D, H, W): middle slice along the first spatial axis
         x = x[:, :, x.shape[2] // 2]
@@ -38,7 +38,7 @@ def reconstruction_grid(
     """One row per sample: corrupted input | reconstruction | clean target, white gaps between tiles."""
     rows = []
     n = min(max_samples, inputs.shape[0])
-    columns = [_to_uint8(t[:n], value_range) for t in (inputs, predictions, targets)]
+    columns = [to_uint8_rgb(t[:n], value_range) for t in (inputs, predictions, targets)]
     h, w = columns[0].shape[1:3]
     for i in range(n):
         row = np.full((h, 3 * w + 2 * gap, 3), 255, np.uint8)

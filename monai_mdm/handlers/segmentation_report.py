@@ -12,6 +12,7 @@ from ignite.engine import Engine, Events
 from monai.utils import CommonKeys
 from PIL import Image
 
+from monai_mdm.handlers.reconstruction_grid import to_uint8_rgb
 from monai_mdm.handlers.tracking import log_artifact
 from monai_mdm.utils import atomic_write
 
@@ -21,14 +22,6 @@ logger = logging.getLogger(__name__)
 _PALETTE = np.array(
     [[0, 0, 0], [0, 200, 70], [230, 40, 40], [40, 90, 230], [240, 200, 0], [200, 0, 200], [0, 200, 200]], np.uint8
 )
-
-
-def _image_uint8(image: torch.Tensor | np.ndarray, value_range=(-1.0, 1.0)) -> np.ndarray:
-    """(C, H, W) in ``value_range`` -> (H, W, 3) uint8 for viewing."""
-    x = np.asarray(image.detach().float().cpu() if isinstance(image, torch.Tensor) else image, dtype=np.float32)
-    x = np.clip((x - value_range[0]) / (value_range[1] - value_range[0]), 0, 1)
-    x = np.repeat(x, 3, axis=0) if x.shape[0] == 1 else x[:3]
-    return (np.moveaxis(x, 0, -1) * 255 + 0.5).astype(np.uint8)
 
 
 def overlay(image: np.ndarray, classes: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -118,7 +111,7 @@ class SegmentationReport:
             if self.save_nifti:
                 self._save_nifti(name, classes, image)
             if self.save_overlays:
-                rgb = _image_uint8(torch.as_tensor(image))
+                rgb = to_uint8_rgb(torch.as_tensor(image)[None])[0]
                 _save_png(self.output_dir / "overlays" / f"{name}.png", overlay_panel(rgb, gt > 0, classes))
 
     def _save_nifti(self, name: str, classes: np.ndarray, image) -> None:
@@ -215,7 +208,7 @@ class ClassIoUReport:
             self.names.append(str(name))
             _save_png(self.output_dir / "predictions" / f"{name}.png", self._colour(classes))
             if self.save_overlays:
-                rgb = _image_uint8(torch.as_tensor(image))
+                rgb = to_uint8_rgb(torch.as_tensor(image)[None])[0]
                 h, w = classes.shape
                 panel = np.full((h, 3 * w + 8, 3), 255, np.uint8)
                 for i, tile in enumerate((rgb, self._colour(truth), self._colour(classes))):
