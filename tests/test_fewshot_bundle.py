@@ -209,3 +209,17 @@ def test_monuseg_bundle_trains_and_reports_instance_metrics(demo_data, pretraine
     doc = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
     assert len(doc["rows"]) == 2
     assert set(doc["rows"][0]) >= {"paper_dice", "paper_aji_binary", "aji", "pq", "dq", "sq"}
+
+
+def test_monuseg_inference_bundle_reads_tif_tiles(demo_data, pretrained, tmp_path):
+    configs = BUNDLES / "mdm_monuseg_fewshot" / "configs"
+    bundle = tmp_path / "bundle"
+    run(config_file=str(configs / "train.json"), dataset_dir=str(demo_data["monuseg"]),
+        output_dir=str(bundle), pretrained_weights=str(pretrained), label_budget=1, batch_size=2, **HEAD)  # fmt: skip
+    tiles = sorted((demo_data["monuseg"] / "MoNuSegTestData").glob("*.tif"))
+    run(config_file=str(configs / "inference.json"), bundle_root=str(bundle),
+        dataset_dir=str(demo_data["monuseg"] / "MoNuSegTestData"), window_size=32)  # fmt: skip
+    outputs = sorted((bundle / "eval").glob("*_seg.png"))
+    assert [p.name for p in outputs] == [f"{t.stem}_seg.png" for t in tiles]
+    for tile, out in zip(tiles, outputs):
+        assert Image.open(out).size == Image.open(tile).size
