@@ -403,3 +403,13 @@ def test_package_exports():
         "image_folder_datalist",
     ):
         assert callable(getattr(data, name)), name
+
+
+def test_two_files_with_one_stem_are_named(tmp_path):
+    from monai_mdm.data.instances import files_by_stem
+
+    for name in ("a.png", "a.tif", "b.png", ".hidden.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"two images named 'a': 'a.png' and 'a.tif'; keep one"):
+        files_by_stem(tmp_path, (".png", ".tif"), kind="images")
+    assert list(files_by_stem(tmp_path, (".png",))) == ["a", "b"]

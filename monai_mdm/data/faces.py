@@ -17,7 +17,7 @@ import numpy as np
 from monai.config import KeysCollection
 from monai.transforms.transform import MapTransform
 
-from monai_mdm.data.instances import _path_of, image_size, natural_sort_key
+from monai_mdm.data.instances import _path_of, files_by_stem, image_size, natural_sort_key
 
 __all__ = [
     "CELEBA19_CLASSES",
@@ -221,14 +221,7 @@ def faces_datalist(
         folder = found[0]
     if not folder.is_dir():
         raise FileNotFoundError(f"face data folder '{folder}' does not exist.")
-    images: dict[str, Path] = {}
-    for p in folder.iterdir():
-        if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES and not p.name.startswith("."):
-            if p.stem in images:
-                raise ValueError(
-                    f"'{folder}' holds two images named '{p.stem}': '{images[p.stem].name}' and '{p.name}'; keep one."
-                )
-            images[p.stem] = p
+    images = files_by_stem(folder, _IMAGE_SUFFIXES, kind="images")
     if not images:
         raise FileNotFoundError(
             f"no images (<n>.png / .jpg) in '{folder}'; the face layout is a folder of <n>.png with <n>.npy maps."

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = [
     "LoadInstanceMaskD",
     "LoadInstanceMaskDict",
     "image_size",
+    "files_by_stem",
     "natural_sort_key",
     "read_instance_map",
 ]
@@ -41,6 +42,23 @@ def natural_sort_key(text: str | os.PathLike) -> tuple:
     """Sort key that orders embedded numbers by value, so ``train_2`` comes before ``train_10``."""
     parts = re.split(r"(\d+)", os.fspath(text))
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
+
+
+def files_by_stem(folder: Path, suffixes: Sequence[str], kind: str = "files") -> dict[str, Path]:
+    """``{stem: path}`` of the files in ``folder`` with one of ``suffixes`` (hidden files skipped).
+
+    Readers pair images with annotations by stem, so two files with one stem (``a.png`` and ``a.tif``) are an
+    error naming both rather than a silent choice.
+    """
+    out: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith("."):
+            if p.stem in out:
+                raise ValueError(
+                    f"'{folder}' holds two {kind} named '{p.stem}': '{out[p.stem].name}' and '{p.name}'; keep one."
+                )
+            out[p.stem] = p
+    return out
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:

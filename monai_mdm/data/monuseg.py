@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from skimage.draw import polygon as draw_polygon
 
-from monai_mdm.data.instances import natural_sort_key
+from monai_mdm.data.instances import files_by_stem, natural_sort_key
 
 __all__ = ["MONUSEG_IMAGE_EXTENSIONS", "monuseg_datalist", "rasterize_monuseg_xml", "read_monuseg_polygons"]
 
@@ -143,18 +143,6 @@ def _resolve_folders(root: Path, split: str) -> tuple[Path, Path]:
     return root, root
 
 
-def _by_stem(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith("."):
-            if p.stem in out:
-                raise ValueError(
-                    f"'{folder}' holds two files named '{p.stem}': '{out[p.stem].name}' and '{p.name}'; keep one."
-                )
-            out[p.stem] = p
-    return out
-
-
 def monuseg_datalist(root: str | os.PathLike, split: str = "train") -> list[dict[str, str]]:
     """``[{"image": tif path, "label": xml path, "name": stem}, ...]`` of one MoNuSeg split, sorted by name.
 
@@ -165,8 +153,8 @@ def monuseg_datalist(root: str | os.PathLike, split: str = "train") -> list[dict
     """
     root = Path(root).expanduser()
     image_dir, xml_dir = _resolve_folders(root, split)
-    images = _by_stem(image_dir, MONUSEG_IMAGE_EXTENSIONS)
-    xmls = _by_stem(xml_dir, (".xml",))
+    images = files_by_stem(image_dir, MONUSEG_IMAGE_EXTENSIONS)
+    xmls = files_by_stem(xml_dir, (".xml",))
     if not images and not xmls:
         raise FileNotFoundError(
             f"no MoNuSeg images ({'/'.join(MONUSEG_IMAGE_EXTENSIONS)}) or .xml annotations in '{image_dir}'"

@@ -11,25 +11,13 @@ import logging
 import os
 from pathlib import Path
 
-from monai_mdm.data.instances import natural_sort_key
+from monai_mdm.data.instances import files_by_stem, natural_sort_key
 
 __all__ = ["preprocessed_datalist"]
 
 logger = logging.getLogger(__name__)
 
 _EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
-
-
-def _files(folder: Path) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for p in folder.iterdir():
-        if p.is_file() and p.suffix.lower() in _EXTENSIONS and not p.name.startswith("."):
-            if p.stem in out:
-                raise ValueError(
-                    f"'{folder}' holds two files named '{p.stem}': '{out[p.stem].name}' and '{p.name}'; keep one."
-                )
-            out[p.stem] = p
-    return out
 
 
 def _find_root(root: Path, split: str | None, image_dir: str) -> Path:
@@ -79,7 +67,7 @@ def preprocessed_datalist(
                 f"folder '{folder}' is missing; the preprocessed layout is '{image_dir}/<name>.png' with "
                 f"'{label_dir}/<name>_anno.png' (GlaS) or '{label_dir}/<name>.png' (MoNuSeg) under '{base}'."
             )
-    images, labels = _files(img_folder), _files(lab_folder)
+    images, labels = files_by_stem(img_folder, _EXTENSIONS), files_by_stem(lab_folder, _EXTENSIONS)
     if not images:
         raise FileNotFoundError(f"no images ({', '.join(_EXTENSIONS)}) in '{img_folder}'; the folder is empty.")
     if not labels:
