@@ -1,4 +1,4 @@
-"""Data sets: readers for GlaS, MoNuSeg and the face sets, and embedded synthetic demo data."""
+"""Data sets: readers for GlaS, MoNuSeg, the face sets and NIfTI volumes, and embedded synthetic demo data."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 # name -> submodule; resolved on first access so that ``python -m monai_mdm.data.synthetic``
 # does not import its own module twice
 _EXPORTS = {
+    "AtomicNibabelWriter": "volumes",
     "CELEBA19_CLASSES": "faces",
     "FFHQ34_CLASSES": "faces",
     "LoadClassMapD": "faces",
@@ -18,6 +19,8 @@ _EXPORTS = {
     "LoadInstanceMaskd": "instances",
     "budget_count": "budget",
     "budget_record": "budget",
+    "check_volume": "volumes",
+    "convert_to_nifti": "volumes",
     "face_palette": "faces",
     "faces_datalist": "faces",
     "glas_datalist": "glas",
@@ -26,6 +29,7 @@ _EXPORTS = {
     "make_sample": "synthetic",
     "monuseg_datalist": "monuseg",
     "natural_sort_key": "instances",
+    "nifti_folder_datalist": "volumes",
     "preprocessed_datalist": "preprocessed",
     "rasterize_monuseg_xml": "monuseg",
     "read_class_map": "faces",
@@ -34,9 +38,12 @@ _EXPORTS = {
     "read_monuseg_polygons": "monuseg",
     "select_labelled": "budget",
     "synthesize_tile": "synthetic",
+    "synthesize_volume": "volumes",
+    "volume_datalist": "volumes",
     "write_demo_data": "synthetic",
     "write_glas": "synthetic",
     "write_monuseg": "synthetic",
+    "write_volumes": "volumes",
 }
 
 __all__ = sorted(_EXPORTS)

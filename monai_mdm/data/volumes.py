@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Sequence
@@ -31,6 +32,8 @@ from monai.data import NibabelWriter
 from scipy import ndimage as ndi
 
 from monai_mdm.utils import atomic_write
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "VOLUME_CLASSES",
@@ -285,13 +288,15 @@ class AtomicNibabelWriter(NibabelWriter):
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
         os.close(fd)
         try:
-            super().write(tmp, verbose=verbose, **obj_kwargs)
+            super().write(tmp, verbose=False, **obj_kwargs)
             os.chmod(tmp, 0o644)
             os.replace(tmp, target)
         except BaseException:
             if os.path.exists(tmp):
                 os.remove(tmp)
             raise
+        if verbose:
+            logger.info(f"wrote '{target}'.")
 
 
 def _read_sitk(source: Path, series_id: str | None):

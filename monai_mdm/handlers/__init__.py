@@ -4,9 +4,11 @@ from .training import EarlyStopOnLoss, SaveModel
 from .reconstruction_grid import ReconstructionGridSaver, reconstruction_grid
 from .segmentation_report import ClassIoUReport, SegmentationReport
 from .tracking import LogSettings, log_artifact, mlflow_handlers
+from .dice_report import DiceReport
 
 __all__ = [
     "ClassIoUReport",
+    "DiceReport",
     "EMA",
     "EarlyStopOnLoss",
     "SaveModel",
