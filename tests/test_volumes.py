@@ -71,7 +71,8 @@ def test_synthetic_volumes_are_deterministic_and_labelled(volumes, tmp_path):
     assert image[label == 2].mean() < image[label == 1].mean()
     # a rotated affine with the anisotropic spacing: not the identity a careless writer would leave
     assert np.allclose(np.linalg.norm(affine[:3, :3], axis=0), [1.5, 1.5, 2.0]) and affine[0, 1] != 0
-    copy = write_volumes(tmp_path / "again", n_train=2, n_test=2, size=SIZE, seed=0)
+    copy = tmp_path / "again"
+    assert main(["synthetic", "--out", str(copy), "--n-train", "2", "--n-test", "2", "--size", *map(str, SIZE)]) == 0
     for path in sorted(volumes.rglob("*.nii.gz")):
         assert (copy / path.relative_to(volumes)).read_bytes() == path.read_bytes()
     written = nib.load(str(volumes / "labelsTr" / "vol_001.nii.gz"))
@@ -82,6 +83,18 @@ def test_synthetic_volumes_are_deterministic_and_labelled(volumes, tmp_path):
     ours = volume_datalist(volumes, "train")
     assert [d["image"] for d in decathlon] == [d["image"] for d in ours]
     assert [d["label"] for d in decathlon] == [d["label"] for d in ours]
+
+
+@pytest.mark.parametrize("reader", ["NibabelReader", "ITKReader"])
+def test_monai_readers_see_the_written_voxels_and_affine(volumes, reader):
+    from monai.transforms import LoadImaged
+
+    entry = volume_datalist(volumes, "train")[0]
+    loaded = LoadImaged(["image", "label"], reader=reader, ensure_channel_first=True)(entry)
+    image, label, affine = synthesize_volume(1, SIZE, seed=0)
+    assert loaded["image"].shape == (1, *SIZE) and np.array_equal(loaded["image"][0].numpy(), image)
+    assert np.array_equal(loaded["label"][0].numpy(), label)
+    assert np.allclose(loaded["image"].affine.numpy(), affine, atol=1e-4)
 
 
 def test_datalist_names_cases_and_skips_macos_forks(volumes):
