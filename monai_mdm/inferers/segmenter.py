@@ -22,7 +22,7 @@ from monai_mdm.networks.features import MDMFeatureExtractor
 from monai_mdm.networks.mdm_unet import MDMUNet
 from monai_mdm.networks.pixel_head import PixelHeadEnsemble, PixelMLPHead
 from monai_mdm.transforms.corruption import Corruption, GaussianNoise, PatchMasking
-from monai_mdm.utils import atomic_torch_save
+from monai_mdm.utils import atomic_torch_save, guard_traced_size
 
 __all__ = ["MDMSegmenter", "make_sliding_window_inferer"]
 
@@ -131,6 +131,7 @@ class MDMSegmenter(nn.Module):
         return self.head.num_classes
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = guard_traced_size(images)  # a traced (exported) model pads and masks for the traced size only
         spatial = tuple(int(s) for s in images.shape[2:])
         m = self.extractor.size_multiple
         target = tuple(math.ceil(s / m) * m for s in spatial)
