@@ -514,7 +514,8 @@ class MDMUNet(nn.Module):
                 f"spatial size {tuple(x.shape[2:])} must be divisible by {div} "
                 f"(2 ** (len(channel_mult) - 1) with channel_mult={self.channel_mult})."
             )
-        t = torch.as_tensor(timesteps, device=x.device)
+        # a tensor is used as it is (not through as_tensor, which a trace would freeze to the traced values)
+        t = timesteps.to(x.device) if torch.is_tensor(timesteps) else torch.as_tensor(timesteps, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         if t.ndim != 1 or t.shape[0] != x.shape[0]:
