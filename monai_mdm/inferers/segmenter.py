@@ -4,6 +4,9 @@ The module maps images to class scores, so MONAI's ``SlidingWindowInferer`` (256
 Gaussian blending, as in the paper) can run it over whole slides. Use windows of the size the head was trained
 on: the per-image L2 normalisation makes features depend on the image area, so a head trained on 256 x 256 crops
 should also see 256 x 256 windows.
+
+``torch.jit.trace`` (``python -m monai.bundle ckpt_export --use_trace True``) exports it for one window size: the
+seeded feature mask of that size is stored in the trace and other sizes are refused (see the bundles' README).
 """
 
 from __future__ import annotations

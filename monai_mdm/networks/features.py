@@ -171,11 +171,16 @@ class MDMFeatureExtractor(nn.Module):
         refuses other sizes (:func:`~monai_mdm.utils.guard_traced_size`). Sliding-window inference always feeds
         windows of one size, so an export for the window size reproduces the eager model exactly.
         """
-        if not isinstance(self.corruption, PatchMasking) or seeds is not None or self.seed is None:
+        if not isinstance(self.corruption, PatchMasking):
+            reason = f"the corruption is {self.corruption!r}"
+        elif self.seed is None:
+            reason = "the extractor has no seed (a fresh mask on every call)"
+        else:
+            reason = "per-image seeds were given" if seeds is not None else ""
+        if reason:
             raise RuntimeError(
-                f"cannot trace (export) features with corruption {self.corruption!r}, seed {self.seed} and per-image "
-                "seeds: a trace would freeze one random draw. Export needs PatchMasking (MDM) or no corruption, "
-                "with a fixed extractor seed."
+                f"cannot trace (export) these features: {reason}, and a trace would freeze one random draw. "
+                "Export needs PatchMasking (MDM) features with a fixed seed, or no corruption."
             )
         images = guard_traced_size(images)
         spatial = [int(s) for s in images.shape[2:]]
