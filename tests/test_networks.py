@@ -58,6 +58,23 @@ def test_reproduces_reference_output_and_decoder_activations(reference):
         assert torch.allclose(acts[i], act, atol=1e-5, rtol=0), f"output_blocks[{i}] differs"
 
 
+def test_decoder_features_match_reference_activations_and_stop_early(reference):
+    model = MDMUNet.from_guided_diffusion(reference["state_dict"], reference["config"]).eval()
+    expected = reference["output_block_activations"]
+    blocks = [5, 2, 3]  # returned in the order asked
+    ran = []
+    for i in (5, 6):
+        model.output_blocks[i].register_forward_hook(lambda *args, i=i: ran.append(i))
+    model.out.register_forward_hook(lambda *args: ran.append("out"))
+    with torch.no_grad():
+        got = model.decoder_features(reference["x"], reference["timesteps"], blocks)
+    for b, act in zip(blocks, got):
+        assert torch.allclose(act, expected[b], atol=1e-5, rtol=0), f"output_blocks[{b}] differs"
+    assert ran == [5]  # nothing after the deepest requested block runs
+    with pytest.raises(ValueError, match=r"0\.\.8"):
+        model.decoder_features(reference["x"], reference["timesteps"], [9])
+
+
 def test_module_prefix_and_fp16_weights_load(reference):
     sd = {"module." + k: v.half() for k, v in reference["state_dict"].items()}
     model = MDMUNet.from_guided_diffusion(sd, reference["config"]).eval()

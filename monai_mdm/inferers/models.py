@@ -33,7 +33,11 @@ def save_segmentation_model(model: torch.nn.Module, path: str | os.PathLike, con
 def load_segmentation_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> torch.nn.Module:
     """Rebuild a model written by :func:`save_segmentation_model`, in eval mode on ``map_location``."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"model '{path}' not found: run the bundle's train.json first or set --model_path.")
+        raise FileNotFoundError(
+            f"trained model '{path}' not found. Train one with the bundle's configs/train.json "
+            "(`python -m monai.bundle run --config_file <bundle>/configs/train.json --output_dir <run>` writes "
+            "<run>/models/model.pt) and copy that model.pt to this path, or point --model_path at it."
+        )
     state = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(state, Mapping) and state.get("format") == _BASELINE_FORMAT:
         module_name, _, cls_name = state["target"].rpartition(".")

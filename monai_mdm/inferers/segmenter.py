@@ -4,6 +4,9 @@ The module maps images to class scores, so MONAI's ``SlidingWindowInferer`` (256
 Gaussian blending, as in the paper) can run it over whole slides. Use windows of the size the head was trained
 on: the per-image L2 normalisation makes features depend on the image area, so a head trained on 256 x 256 crops
 should also see 256 x 256 windows.
+
+``torch.jit.trace`` (``python -m monai.bundle ckpt_export --use_trace True``) exports it for one window size: the
+seeded feature mask of that size is stored in the trace and other sizes are refused (see the bundles' README).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from monai_mdm.networks.features import MDMFeatureExtractor
 from monai_mdm.networks.mdm_unet import MDMUNet
 from monai_mdm.networks.pixel_head import PixelHeadEnsemble, PixelMLPHead
 from monai_mdm.transforms.corruption import Corruption, GaussianNoise, PatchMasking
-from monai_mdm.utils import atomic_torch_save
+from monai_mdm.utils import atomic_torch_save, guard_traced_size
 
 __all__ = ["MDMSegmenter", "make_sliding_window_inferer"]
 
@@ -131,6 +134,7 @@ class MDMSegmenter(nn.Module):
         return self.head.num_classes
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = guard_traced_size(images)  # a traced (exported) model pads and masks for the traced size only
         spatial = tuple(int(s) for s in images.shape[2:])
         m = self.extractor.size_multiple
         target = tuple(math.ceil(s / m) * m for s in spatial)

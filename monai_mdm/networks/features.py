@@ -1,7 +1,8 @@
 """Frozen MDM decoder features for few-shot segmentation (the paper's Step 2).
 
-The image is corrupted at one fixed timestep, the frozen UNet runs once, the outputs of a few decoder blocks are
-captured with forward hooks, upsampled to the image size, concatenated and divided by one L2 norm per image.
+The image is corrupted at one fixed timestep, the frozen UNet runs once up to the deepest needed decoder block
+(:meth:`MDMUNet.decoder_features`), and the outputs of a few decoder blocks are upsampled to the image size,
+concatenated and divided by one L2 norm per image.
 Extraction is split in two stages (:meth:`MDMFeatureExtractor.extract_blocks` at native resolution, then
 :meth:`MDMFeatureExtractor.assemble`) because the native-resolution blocks are ~16x smaller than the assembled
 map, which makes caching training features affordable.
@@ -18,14 +19,11 @@ from torch import nn
 
 from monai_mdm.networks.mdm_unet import MDMUNet
 from monai_mdm.transforms.corruption import Corruption, PatchMasking
+from monai_mdm.utils import guard_traced_size
 
 __all__ = ["MDMFeatureExtractor"]
 
 _EPS = 1e-12
-
-
-class _StopForward(Exception):
-    """Raised by the last needed hook so that later decoder blocks and the output head are skipped."""
 
 
 def _upsample(block: torch.Tensor, spatial_size: Sequence[int]) -> torch.Tensor:
@@ -147,6 +145,8 @@ class MDMFeatureExtractor(nn.Module):
         """Corrupt ``images`` at ``self.timestep``; per-image ``seeds`` override the extractor's ``seed``."""
         if self.corruption is None:
             return images
+        if torch.jit.is_tracing():
+            return self._corrupt_traced(images, seeds)
         b = images.shape[0]
         t = torch.full((b,), self.timestep, dtype=torch.long, device=images.device)
         if seeds is None and self.seed is None:
@@ -163,14 +163,41 @@ class MDMFeatureExtractor(nn.Module):
         ]
         return torch.cat(out, dim=0)
 
+    def _corrupt_traced(self, images: torch.Tensor, seeds: Sequence[int] | torch.Tensor | None) -> torch.Tensor:
+        """:meth:`corrupt` for ``torch.jit.trace`` (export): the seeded mask of the traced size becomes a constant.
+
+        A trace cannot re-seed a generator on every call, so the mask that every image of this size gets from the
+        extractor's seed is computed once, outside the recorded graph, and stored in it; the traced model then
+        refuses other sizes (:func:`~monai_mdm.utils.guard_traced_size`). Sliding-window inference always feeds
+        windows of one size, so an export for the window size reproduces the eager model exactly.
+        """
+        if not isinstance(self.corruption, PatchMasking):
+            reason = f"the corruption is {self.corruption!r}"
+        elif self.seed is None:
+            reason = "the extractor has no seed (a fresh mask on every call)"
+        else:
+            reason = "per-image seeds were given" if seeds is not None else ""
+        if reason:
+            raise RuntimeError(
+                f"cannot trace (export) these features: {reason}, and a trace would freeze one random draw. "
+                "Export needs PatchMasking (MDM) features with a fixed seed, or no corruption."
+            )
+        images = guard_traced_size(images)
+        spatial = [int(s) for s in images.shape[2:]]
+        generator = torch.Generator().manual_seed(self.seed)
+        keep = self.corruption.keep_mask(spatial, torch.tensor([self.timestep]), "cpu", generator)
+        # through numpy the mask leaves the recorded graph: the trace stores its value as a constant
+        keep = torch.from_numpy(keep.numpy()).to(images.device)
+        return images.masked_fill(~keep, self.corruption.fill_value)  # (1, 1, *spatial) mask: same for every image
+
     @torch.no_grad()
     def extract_blocks(
         self, images: torch.Tensor, seeds: Sequence[int] | torch.Tensor | None = None
     ) -> list[torch.Tensor]:
         """Native-resolution outputs of the selected blocks, in ``blocks`` order, for images (B, C, *spatial).
 
-        The forward pass stops right after the deepest needed block (a hook raises a private exception), so the
-        remaining decoder blocks and the ``out`` head are never computed.
+        The decoder stops right after the deepest needed block, so the remaining blocks and the ``out`` head are
+        never computed.
         """
         if images.ndim != self.spatial_dims + 2:
             raise ValueError(
@@ -188,26 +215,8 @@ class MDMFeatureExtractor(nn.Module):
         if self.network.training:
             self.network.eval()
         x = self.corrupt(images, seeds)
-        captured: dict[int, torch.Tensor] = {}
-        last = max(self.blocks)
-
-        def make_hook(index: int):
-            def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-                captured[index] = output
-                if index == last:
-                    raise _StopForward
-
-            return hook
-
-        handles = [self.network.output_blocks[i].register_forward_hook(make_hook(i)) for i in self.blocks]
-        try:
-            self.network(x, torch.full((x.shape[0],), self.timestep, dtype=torch.long, device=x.device))
-        except _StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        return [captured[i] for i in self.blocks]
+        t = torch.full((x.shape[0],), self.timestep, dtype=torch.long, device=x.device)
+        return self.network.decoder_features(x, t, self.blocks)
 
     # ------------------------------------------------------------------ stage 2: assemble
 

@@ -502,8 +502,10 @@ class MDMUNet(nn.Module):
         """Every spatial size of the input must be a multiple of this."""
         return 2 ** (len(self.channel_mult) - 1)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | int | float) -> torch.Tensor:
-        """Predict from ``x`` (B, C, *spatial) at ``timesteps`` (B,) (an int/0-d tensor is broadcast)."""
+    def _encode(
+        self, x: torch.Tensor, timesteps: torch.Tensor | int | float
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Check the input, embed the timesteps, run the encoder and the middle block: (h, emb, skips)."""
         if x.ndim != self.spatial_dims + 2:
             raise ValueError(f"expected a {self.spatial_dims + 2}D input (B, C, *spatial), got shape {tuple(x.shape)}.")
         div = self.size_divisor
@@ -512,7 +514,8 @@ class MDMUNet(nn.Module):
                 f"spatial size {tuple(x.shape[2:])} must be divisible by {div} "
                 f"(2 ** (len(channel_mult) - 1) with channel_mult={self.channel_mult})."
             )
-        t = torch.as_tensor(timesteps, device=x.device)
+        # a tensor is used as it is (not through as_tensor, which a trace would freeze to the traced values)
+        t = timesteps.to(x.device) if torch.is_tensor(timesteps) else torch.as_tensor(timesteps, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         if t.ndim != 1 or t.shape[0] != x.shape[0]:
@@ -525,10 +528,35 @@ class MDMUNet(nn.Module):
         for block in self.input_blocks:
             h = block(h, emb)
             skips.append(h)
-        h = self.middle_block(h, emb)
+        return self.middle_block(h, emb), emb, skips
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | int | float) -> torch.Tensor:
+        """Predict from ``x`` (B, C, *spatial) at ``timesteps`` (B,) (an int/0-d tensor is broadcast)."""
+        h, emb, skips = self._encode(x, timesteps)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
         return self.out(h).to(x.dtype)
+
+    def decoder_features(
+        self, x: torch.Tensor, timesteps: torch.Tensor | int | float, blocks: Sequence[int]
+    ) -> list[torch.Tensor]:
+        """Outputs of ``output_blocks[i]`` for each i in ``blocks`` (in that order), as :meth:`forward` computes them.
+
+        The decoder stops after the deepest requested block, so later blocks and ``out`` are never run. Plain
+        code (no hooks), so ``torch.jit.trace`` records exactly the blocks that are needed.
+        """
+        num = len(self.output_blocks)
+        bad = [b for b in blocks if not 0 <= int(b) < num]
+        if not blocks or bad:
+            raise ValueError(f"blocks {list(blocks)} must be non-empty indices in 0..{num - 1} (output blocks).")
+        wanted = {int(b) for b in blocks}
+        outputs: dict[int, torch.Tensor] = {}
+        h, emb, skips = self._encode(x, timesteps)
+        for index in range(max(wanted) + 1):
+            h = self.output_blocks[index](torch.cat([h, skips.pop()], dim=1), emb)
+            if index in wanted:
+                outputs[index] = h
+        return [outputs[int(b)] for b in blocks]
 
     # ---------------------------------------------------------------- constructors / interchange
 
