@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "all_gather_objects",
     "get_rank",
     "get_world_size",
     "init_distributed",
@@ -109,3 +110,12 @@ def sum_over_ranks(values: list[float]) -> list[float]:
     total = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(total)
     return total.tolist()
+
+
+def all_gather_objects(value: object) -> list:
+    """Every rank's ``value`` (picklable), in rank order; ``[value]`` when not distributed."""
+    if not is_distributed():
+        return [value]
+    gathered: list = [None] * get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -157,3 +158,34 @@ def test_only_rank0_writes_checkpoints_models_and_grids(tmp_path, monkeypatch):
         handler.attach(engine)
     engine.run([0, 1], max_epochs=1)
     assert engine.state.iteration == 2 and not list(tmp_path.rglob("*"))
+
+
+def test_ddp_speedup_benchmark_smoke(capsys):
+    """benchmarks/ddp_speedup.py runs 1 and 2 gloo processes and prints one row each (no timing assertions)."""
+    spec = importlib.util.spec_from_file_location("ddp_speedup", REPO / "benchmarks" / "ddp_speedup.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up while the class is being built
+    spec.loader.exec_module(bench)
+    argv = ["--image-size", "32", "--global-batch", "2", "--steps", "1", "--warmup", "0", "--comparisons", "one-thread"]
+    assert bench.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index(next(line for line in lines if line.split() == list(bench.COLUMNS)))
+    rows = [line.rsplit(None, 6)[1:] for line in lines[start + 2 : start + 4]]
+    assert [r[:3] for r in rows] == [["1", "1", "2"], ["2", "1", "1"]]  # processes, threads, batch per process
+    assert all(float(v) > 0 for r in rows for v in r[3:])
+    with pytest.raises(ValueError, match="batch_size 3"):
+        bench.main(["--global-batch", "3"])
+
+
+def test_ranks_that_see_different_checkpoints_refuse_to_resume(tmp_path, monkeypatch):
+    """Multi-node runs whose nodes do not share output_dir would otherwise train from different weights."""
+    from ignite.engine import Engine
+
+    from monai_mdm.handlers import TrainingCheckpoint
+
+    module = importlib.import_module("monai_mdm.handlers.checkpoint")
+    monkeypatch.setattr(module, "all_gather_objects", lambda name: [name, None])
+    saver = TrainingCheckpoint(tmp_path, {"network": torch.nn.Linear(2, 2)})
+    saver.save(Engine(lambda e, b: None))
+    with pytest.raises(RuntimeError, match=r"different checkpoints .*\['checkpoint_0.pt', None\].*every node"):
+        saver.load_latest(Engine(lambda e, b: None))

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from monai_mdm.distributed import is_rank0
+from monai_mdm.distributed import all_gather_objects, is_rank0
 from monai_mdm.utils import atomic_torch_save
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ class TrainingCheckpoint:
         resume: load the latest checkpoint in ``save_dir`` when training starts.
         final_models: name in ``save_dict`` -> file name written when training completes.
 
-    In multi-process (DDP) training every rank resumes from the same checkpoint but only rank 0 writes.
+    In multi-process (DDP) training every rank resumes from the same checkpoint (checked: a rank that finds
+    another one stops the run) but only rank 0 writes.
     """
 
     def __init__(
@@ -104,6 +105,12 @@ class TrainingCheckpoint:
 
     def load_latest(self, engine: Engine) -> None:
         path = find_latest_checkpoint(self.save_dir)
+        found = all_gather_objects(None if path is None else path.name)
+        if len(set(found)) > 1:
+            raise RuntimeError(
+                f"the ranks found different checkpoints in '{self.save_dir}' ({found}, by rank): in multi-node "
+                "training output_dir must be on a filesystem that every node sees."
+            )
         if path is None:
             return
         try:
