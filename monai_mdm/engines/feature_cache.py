@@ -14,6 +14,7 @@ to plan before computing.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -26,6 +27,8 @@ from torch.utils.data import Dataset
 from monai_mdm.networks.features import MDMFeatureExtractor
 
 __all__ = ["FeatureCache"]
+
+logger = logging.getLogger(__name__)
 
 
 def _as_tensor(x: Any) -> torch.Tensor:
@@ -58,6 +61,11 @@ class FeatureCache(Dataset):
         device: where the extractor runs (default: where its parameters are); the cache is kept on CPU.
         ignore_index: label value for padded pixels (and the convention for "no label").
         image_key / label_key: keys when the items are dicts.
+        num_shards / shard: keep only every ``num_shards``-th crop, starting at ``shard`` (one shard per rank
+            in multi-process training: each rank computes and holds 1/``num_shards`` of the cache). The crops
+            are drawn as without sharding, so the shards together are the unsharded cache; like PyTorch's
+            ``DistributedSampler`` the first crops are repeated to give every shard the same length, since
+            DDP ranks must take the same number of steps. Needs ``data`` with a length.
     """
 
     def __init__(
@@ -74,6 +82,8 @@ class FeatureCache(Dataset):
         ignore_index: int = 255,
         image_key: str = CommonKeys.IMAGE,
         label_key: str = CommonKeys.LABEL,
+        num_shards: int = 1,
+        shard: int = 0,
     ) -> None:
         nd = extractor.spatial_dims
         size = (int(crop_size),) * nd if isinstance(crop_size, int) else tuple(int(c) for c in crop_size)
@@ -84,6 +94,10 @@ class FeatureCache(Dataset):
             raise ValueError(f"crop_size {size} must be a multiple of {m} (network size divisor and patch size).")
         if crops_per_image < 1:
             raise ValueError(f"crops_per_image must be positive, got {crops_per_image}.")
+        if not 0 <= shard < num_shards:
+            raise ValueError(f"shard must lie in [0, num_shards={num_shards}), got {shard}.")
+        if num_shards > 1 and not hasattr(data, "__len__"):
+            raise ValueError("a sharded FeatureCache needs data with a length (to give every shard as many crops).")
         self.extractor = extractor
         self.crop_size = size
         self.crops_per_image = int(crops_per_image)
@@ -99,15 +113,22 @@ class FeatureCache(Dataset):
         self.labels: list[torch.Tensor] = []
         self.norms: list[torch.Tensor] = []
         pending: list[tuple[torch.Tensor, int]] = []
+        total = len(data) * self.crops_per_image if num_shards > 1 else 0  # type: ignore[arg-type]
+        repeated = -total % num_shards  # crops 0 .. repeated - 1 are cached twice overall to even the shards
+        position = -1
 
         for index, item in enumerate(self._iterate(data)):
             image, label = self._pair(item)
             image, label = self._pad(image, label)
             for _ in range(self.crops_per_image):
+                position += 1
                 start = tuple(
                     int(torch.randint(0, s - c + 1, (1,), generator=gen)) for s, c in zip(image.shape[1:], size)
                 )
                 mask_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) if vary_masks else -1
+                repeat = position < repeated and (total + position) % num_shards == shard
+                if position % num_shards != shard and not repeat:
+                    continue
                 window = tuple(slice(a, a + c) for a, c in zip(start, size))
                 self.crops.append((index, start, mask_seed))
                 lab = label[(slice(None), *window)]
@@ -120,6 +141,8 @@ class FeatureCache(Dataset):
             self._compute(pending, device)
         if not self.crops:
             raise ValueError("no labelled images were given.")
+        if num_shards > 1:
+            logger.info(f"cached {len(self.crops)} of {total} crops (shard {shard} of {num_shards}).")
 
     # ------------------------------------------------------------------ building
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
+from monai_mdm.distributed import all_gather_objects, is_rank0
 from monai_mdm.utils import atomic_torch_save
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,9 @@ class TrainingCheckpoint:
         n_saved: how many periodic checkpoints to keep (oldest removed after a newer one is safely written).
         resume: load the latest checkpoint in ``save_dir`` when training starts.
         final_models: name in ``save_dict`` -> file name written when training completes.
+
+    In multi-process (DDP) training every rank resumes from the same checkpoint (checked: a rank that finds
+    another one stops the run) but only rank 0 writes.
     """
 
     def __init__(
@@ -79,7 +83,9 @@ class TrainingCheckpoint:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval), self.save)
         engine.add_event_handler(Events.COMPLETED, self.save_final)
 
-    def save(self, engine: Engine) -> Path:
+    def save(self, engine: Engine) -> Path | None:
+        if not is_rank0():
+            return None
         path = self.save_dir / f"checkpoint_{engine.state.iteration}.pt"
         atomic_torch_save({k: _state_dict(v) for k, v in self.save_dict.items()}, path)
         old = sorted(
@@ -90,6 +96,8 @@ class TrainingCheckpoint:
         return path
 
     def save_final(self, engine: Engine) -> None:
+        if not is_rank0():
+            return
         if self.save_interval > 0 and engine.state.iteration % self.save_interval != 0:
             self.save(engine)
         for name, filename in self.final_models.items():
@@ -97,6 +105,12 @@ class TrainingCheckpoint:
 
     def load_latest(self, engine: Engine) -> None:
         path = find_latest_checkpoint(self.save_dir)
+        found = all_gather_objects(None if path is None else path.name)
+        if len(set(found)) > 1:
+            raise RuntimeError(
+                f"the ranks found different checkpoints in '{self.save_dir}' ({found}, by rank): in multi-node "
+                "training output_dir must be on a filesystem that every node sees."
+            )
         if path is None:
             return
         try:

@@ -10,6 +10,7 @@ from ignite.engine import Engine, Events
 from monai.utils import CommonKeys
 from PIL import Image
 
+from monai_mdm.distributed import is_rank0
 from monai_mdm.handlers.tracking import log_artifact
 from monai_mdm.utils import atomic_write
 
@@ -57,7 +58,7 @@ class ReconstructionGridSaver:
 
     The trainer's output holds the corrupted input (``image``), the clean target (``label``) and the
     network's prediction (``pred``). When an MLflow handler is attached, each grid is also logged as a
-    run artifact under ``artifact_path``.
+    run artifact under ``artifact_path``. In multi-process training only rank 0 writes grids.
     """
 
     def __init__(
@@ -75,7 +76,7 @@ class ReconstructionGridSaver:
         self.artifact_path = artifact_path
 
     def attach(self, engine: Engine) -> None:
-        if self.interval > 0:
+        if self.interval > 0 and is_rank0():
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
 
     def __call__(self, engine: Engine) -> Path:

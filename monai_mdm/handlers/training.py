@@ -11,6 +11,8 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import EarlyStopping
 
+from monai_mdm.distributed import is_rank0, sum_over_ranks
+
 logger = logging.getLogger(__name__)
 
 
@@ -18,7 +20,8 @@ class EarlyStopOnLoss:
     """Stop when the epoch's mean training loss has not improved for ``patience`` epochs after a warm-up.
 
     The few-shot heads have no validation set (all labels are used for training), so like the reference
-    the training loss itself is watched. The patience logic is ignite's ``EarlyStopping``.
+    the training loss itself is watched. The patience logic is ignite's ``EarlyStopping``. In multi-process
+    training the epoch loss is the mean over all ranks' iterations, so every rank stops at the same epoch.
     """
 
     def __init__(self, patience: int = 20, warmup_epochs: int = 0, min_delta: float = 0.0) -> None:
@@ -45,12 +48,15 @@ class EarlyStopOnLoss:
         self._count += 1
 
     def _close_epoch(self, engine: Engine) -> None:
-        self.epoch_loss = self._sum / max(1, self._count)
+        total, count = sum_over_ranks([self._sum, self._count])
+        self.epoch_loss = total / max(1, count)
         engine.state.metrics["epoch_loss"] = self.epoch_loss
 
 
 class SaveModel:
     """Write the trained model with :func:`monai_mdm.inferers.save_segmentation_model` when training ends.
+
+    In multi-process training only rank 0 writes (all ranks hold the same weights).
 
     Args:
         model: the model to save (e.g. the ``MDMSegmenter`` wrapping the trained head).
@@ -79,6 +85,8 @@ class SaveModel:
         from monai_mdm.utils import atomic_write
 
         self.model.eval()
+        if not is_rank0():
+            return
         save_segmentation_model(self.model, self.path, self.config)
         for name, content in self.extra_json.items():
             text = json.dumps(content, indent=2, default=str)
