@@ -39,9 +39,9 @@ def trained_model(demo_data, tmp_path_factory) -> Path:
 
 
 def install_in_app(bundle: str, model: Path, app: Path) -> Path:
-    """What a labeller does: the bundle folder under ``<app>/model/<name>``, the trained weights in its models/."""
+    """What a labeller does (bundle docs): the configs under ``<app>/model/<name>``, the weights in its models/."""
     root = app / "model" / bundle
-    shutil.copytree(BUNDLES / bundle, root)
+    shutil.copytree(BUNDLES / bundle / "configs", root / "configs")
     (root / "models").mkdir()
     shutil.copy(model, root / "models" / "model.pt")
     return root
