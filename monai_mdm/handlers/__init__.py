@@ -3,20 +3,36 @@ from .ema import EMA
 from .training import EarlyStopOnLoss, SaveModel
 from .reconstruction_grid import ReconstructionGridSaver, reconstruction_grid
 from .segmentation_report import ClassIoUReport, SegmentationReport
-from .tracking import LogSettings, log_artifact, mlflow_handlers
+from .tracking import (
+    CheckTrackingServer,
+    LogArtifacts,
+    LogSegmentationModel,
+    LogSettings,
+    check_tracking_uri,
+    log_artifact,
+    log_metrics,
+    mlflow_handlers,
+    save_mlflow_model,
+)
 
 __all__ = [
+    "CheckTrackingServer",
     "ClassIoUReport",
     "EMA",
     "EarlyStopOnLoss",
     "SaveModel",
     "SegmentationReport",
+    "LogArtifacts",
+    "LogSegmentationModel",
     "LogSettings",
     "ReconstructionGridSaver",
     "StopAtIteration",
     "TrainingCheckpoint",
     "find_latest_checkpoint",
+    "check_tracking_uri",
     "log_artifact",
+    "log_metrics",
     "mlflow_handlers",
     "reconstruction_grid",
+    "save_mlflow_model",
 ]
