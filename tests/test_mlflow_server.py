@@ -179,7 +179,7 @@ def test_unet_baseline_is_logged_as_a_model_too(client, server, pretrain_run, de
         output_dir=str(tmp_path), tracking="mlflow", tracking_uri=server, **HEAD,
     )  # fmt: skip
     mlrun = _only_run(client, "mdm_glas_fewshot", "unet_train")
-    assert mlrun.data.params["batch_size"] == "4" and "features" in mlrun.data.params["unet_config"]
+    assert mlrun.data.params["batch_size"] == "4"  # the baseline's own batch size
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
     model = mlflow.pyfunc.load_model(f"runs:/{mlrun.info.run_id}/model")
     masks = model.predict(np.zeros((1, 40, 48, 3), np.uint8))

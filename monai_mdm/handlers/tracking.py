@@ -14,7 +14,7 @@ import re
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -143,6 +143,25 @@ class CheckTrackingServer:
             check_tracking_uri(handler.client.tracking_uri, self.timeout)
 
 
+class SetTrackedLoss:
+    """Tell the ``MLFlowHandler`` that ``--tracking`` adds where the iteration loss is in the engine's output.
+
+    MONAI's default settings read it with ``from_engine(["loss"], first=True)``, which suits decollated
+    outputs (a list of dicts) but returns a 1-tuple for the single dict of a ``decollate=False`` trainer
+    (the few-shot bundles), which MLflow cannot log.
+    """
+
+    def __init__(self, output_transform: Callable[[Any], Any]) -> None:
+        self.output_transform = output_transform
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        for handler in mlflow_handlers(engine):
+            handler.output_transform = self.output_transform
+
+
 class LogArtifacts:
     """When the engine completes, log files or folders (e.g. the final weights) as MLflow artifacts.
 
@@ -177,8 +196,8 @@ def save_mlflow_model(
     from mlflow.types import Schema, TensorSpec
 
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3), "images")]),
-        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1), "masks")]),
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
     )
     # explicit requirements: MLflow would otherwise load the model in a subprocess to infer them
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"monai=={monai.__version__}"]
@@ -192,6 +211,7 @@ def save_mlflow_model(
         artifacts={"model": str(model_path)},
         model_config={"window_size": int(window_size), "overlap": float(overlap)},
         signature=signature,
+        input_example=np.zeros((1, 16, 16, 3), np.uint8),  # MLflow checks at once that the saved model predicts
         pip_requirements=requirements,
     )
     return Path(path)

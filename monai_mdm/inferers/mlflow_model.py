@@ -37,7 +37,7 @@ class SegmentationPyfunc(PythonModel):
             roi_size=int(config["window_size"]), overlap=float(config.get("overlap", 0.2))
         )
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
+    def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
         import torch
 
         images = np.asarray(model_input)
@@ -45,7 +45,7 @@ class SegmentationPyfunc(PythonModel):
             raise ValueError(f"expected RGB images as an (N, H, W, 3) array, got shape {images.shape}.")
         from monai.utils import convert_to_tensor
 
-        x = torch.as_tensor(images, dtype=torch.float32).permute(0, 3, 1, 2)
+        x = torch.tensor(images, dtype=torch.float32).permute(0, 3, 1, 2)
         x = convert_to_tensor(self.scale(x), track_meta=False).to(self.device)
         with torch.no_grad():
             scores = self.inferer(x, self.model)
