@@ -209,7 +209,8 @@ def save_mlflow_model(
         str(path),
         python_model=importlib.util.find_spec("monai_mdm.inferers.mlflow_model").origin,
         artifacts={"model": str(model_path)},
-        model_config={"window_size": int(window_size), "overlap": float(overlap)},
+        # "device" None: cuda when available; load_model(uri, model_config={"device": "cpu"}) overrides it
+        model_config={"window_size": int(window_size), "overlap": float(overlap), "device": None},
         signature=signature,
         input_example=np.zeros((1, 16, 16, 3), np.uint8),  # MLflow checks at once that the saved model predicts
         pip_requirements=requirements,
