@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,10 +26,11 @@ import torch
 from monai.bundle import ConfigParser, run
 from PIL import Image
 
-from conftest import BUNDLES, error_chain
+from conftest import BUNDLES, error_chain, write_face_parts
 
 PRETRAIN = str(BUNDLES / "mdm_pretrain" / "configs" / "train.json")
 GLAS = BUNDLES / "mdm_glas_fewshot" / "configs"
+FACES = BUNDLES / "mdm_face_parts_fewshot" / "configs"
 TINY_PRETRAIN = dict(image_size=32, batch_size=2, num_workers=0, progress_bar=False, save_interval=2, grid_interval=2)
 HEAD = dict(crop_size=32, crops_per_image=2, max_epochs=2, warmup_epochs=0, label_budget=0.2)
 
@@ -90,16 +92,28 @@ def pretrain_run(server, demo_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fewshot_run(server, pretrain_run, demo_data, tmp_path_factory) -> Path:
+def small_glas(demo_data, tmp_path_factory) -> Path:
+    """The demo GlaS set cut to 96 x 64 px, so that sliding-window evaluation and prediction stay quick."""
+    root = tmp_path_factory.mktemp("small_glas")
+    for path in demo_data["glas"].iterdir():
+        if path.suffix == ".bmp":
+            Image.open(path).crop((64, 48, 160, 112)).save(root / path.name)
+        else:
+            (root / path.name).write_bytes(path.read_bytes())
+    return root
+
+
+@pytest.fixture(scope="module")
+def fewshot_run(server, pretrain_run, small_glas, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fewshot")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", server)
         run(
-            config_file=str(GLAS / "train.json"), dataset_dir=str(demo_data["glas"]), output_dir=str(out),
+            config_file=str(GLAS / "train.json"), dataset_dir=str(small_glas), output_dir=str(out),
             pretrained_weights=str(pretrain_run / "models" / "model_ema.pt"), tracking="mlflow", **HEAD,
         )  # fmt: skip
     run(
-        config_file=str(GLAS / "evaluate.json"), dataset_dir=str(demo_data["glas"]), output_dir=str(out),
+        config_file=str(GLAS / "evaluate.json"), dataset_dir=str(small_glas), output_dir=str(out),
         window_size=HEAD["crop_size"], tracking="mlflow", tracking_uri=server,
     )  # fmt: skip
     return out
@@ -127,7 +141,8 @@ def test_pretraining_records_params_loss_grids_config_and_weights(client, pretra
     grids = _artifacts(client, run_id, "reconstructions")
     assert grids == ["reconstructions/recon_0000002.png", "reconstructions/recon_0000004.png"]
     local = client.download_artifacts(run_id, grids[-1], str(tmp_path))
-    assert np.array_equal(np.asarray(Image.open(local)), np.asarray(Image.open(pretrain_run / "grids" / Path(local).name)))
+    written = pretrain_run / "grids" / Path(local).name
+    assert np.array_equal(np.asarray(Image.open(local)), np.asarray(Image.open(written)))
     (config,) = _artifacts(client, run_id, "config")
     assert json.loads(Path(client.download_artifacts(run_id, config, str(tmp_path))).read_text())["image_size"] == 32
     weights = client.download_artifacts(run_id, "models/model_ema.pt", str(tmp_path))
@@ -136,7 +151,7 @@ def test_pretraining_records_params_loss_grids_config_and_weights(client, pretra
 
 
 def test_fewshot_training_records_settings_losses_and_a_model_that_predicts_masks(
-    client, server, fewshot_run, demo_data, monkeypatch
+    client, server, fewshot_run, small_glas, monkeypatch
 ):
     mlrun = _only_run(client, "mdm_glas_fewshot", "mdm_train")
     run_id = mlrun.info.run_id
@@ -148,12 +163,13 @@ def test_fewshot_training_records_settings_losses_and_a_model_that_predicts_mask
     # what users do: load the run's model and segment images; it matches the evaluation bundle's predictions
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
-    name = "testA_1"
-    image = np.asarray(Image.open(demo_data["glas"] / f"{name}.bmp").convert("RGB"))
-    masks = model.predict(np.stack([image, image[::-1].copy()]))
-    assert masks.shape == (2, *image.shape[:2]) and masks.dtype == np.uint8 and set(np.unique(masks)) <= {0, 1}
+    name = "testB_1"
+    image = np.asarray(Image.open(small_glas / f"{name}.bmp").convert("RGB"))
+    (mask,) = model.predict(image[None])
+    assert mask.shape == image.shape[:2] and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
     bundle_prediction = np.asarray(Image.open(fewshot_run / "evaluation" / "predictions" / f"{name}.png")) > 0
-    assert np.array_equal(masks[0] > 0, bundle_prediction)
+    assert np.array_equal(mask > 0, bundle_prediction)
+    assert model.predict(np.zeros((3, 20, 24, 3), np.uint8)).shape == (3, 20, 24)
     with pytest.raises(Exception, match="images|shape"):
         model.predict(image)  # one image without the batch axis is refused, not misread
 
@@ -169,13 +185,14 @@ def test_evaluation_records_metric_means_tables_and_overlays(client, fewshot_run
     table = client.download_artifacts(run_id, "evaluation/metrics.csv", str(tmp_path))
     assert Path(table).read_text() == (fewshot_run / "evaluation" / "metrics.csv").read_text()
     overlays = _artifacts(client, run_id, "evaluation/overlays")
-    assert [Path(p).name for p in overlays] == sorted(p.name for p in (fewshot_run / "evaluation" / "overlays").iterdir())
+    written = sorted(p.name for p in (fewshot_run / "evaluation" / "overlays").iterdir())
+    assert [Path(p).name for p in overlays] == written
     assert len(overlays) == len(doc["rows"])
 
 
-def test_unet_baseline_is_logged_as_a_model_too(client, server, pretrain_run, demo_data, tmp_path, monkeypatch):
+def test_unet_baseline_is_logged_as_a_model_too(client, server, small_glas, tmp_path, monkeypatch):
     run(
-        config_file=[str(GLAS / "train.json"), str(GLAS / "train_unet.json")], dataset_dir=str(demo_data["glas"]),
+        config_file=[str(GLAS / "train.json"), str(GLAS / "train_unet.json")], dataset_dir=str(small_glas),
         output_dir=str(tmp_path), tracking="mlflow", tracking_uri=server, **HEAD,
     )  # fmt: skip
     mlrun = _only_run(client, "mdm_glas_fewshot", "unet_train")
@@ -186,10 +203,45 @@ def test_unet_baseline_is_logged_as_a_model_too(client, server, pretrain_run, de
     assert masks.shape == (1, 40, 48) and masks.max() <= 1
 
 
-@pytest.mark.parametrize("setting", ["tracking_uri", "MLFLOW_TRACKING_URI"])
-def test_unreachable_server_stops_before_training_and_changes_nothing(demo_data, tmp_path, monkeypatch, setting):
+def test_face_parts_bundle_records_per_class_iou_and_a_34_class_model(
+    client, server, pretrain_run, tmp_path, monkeypatch
+):
+    data = tmp_path / "faces"
+    write_face_parts(data / "train", n=2, seed=0)
+    write_face_parts(data / "test", n=2, seed=1)
     out = tmp_path / "run"
-    run(config_file=PRETRAIN, dataset_dir=str(demo_data["glas"]), output_dir=str(out), max_iterations=2, **TINY_PRETRAIN)
+    common = dict(dataset_dir=str(data), output_dir=str(out), tracking="mlflow", tracking_uri=server)
+    run(config_file=str(FACES / "train.json"), pretrained_weights=str(pretrain_run / "models" / "model_ema.pt"),
+        preset="tiny", blocks=[5, 6, 7], crop_size=64, max_epochs=1, warmup_epochs=0, num_heads=2,
+        **common)  # fmt: skip
+    run(config_file=str(FACES / "evaluate.json"), window_size=64, **common)
+    doc = json.loads((out / "evaluation" / "metrics.json").read_text())
+    metrics = _only_run(client, "mdm_face_parts_fewshot", "mdm").data.metrics
+    assert metrics["test_mean_iou"] == pytest.approx(doc["mean_iou"])
+    per_class = {f"test_iou/{k.replace('***', '/')}": v for k, v in doc["per_class_iou"].items() if v is not None}
+    assert per_class and {k: metrics[k] for k in per_class} == pytest.approx(per_class)
+    evaluation = _only_run(client, "mdm_face_parts_fewshot", "mdm").info.run_id
+    assert {"evaluation/class_iou.csv", "evaluation/legend.png"} <= set(_artifacts(client, evaluation, "evaluation"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    training = _only_run(client, "mdm_face_parts_fewshot", "mdm_train").info.run_id
+    masks = mlflow.pyfunc.load_model(f"runs:/{training}/model").predict(np.zeros((1, 64, 64, 3), np.uint8))
+    assert masks.shape == (1, 64, 64) and masks.max() < 34
+
+
+@pytest.fixture(scope="module")
+def untracked_run(demo_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("untracked")
+    run(config_file=PRETRAIN, dataset_dir=str(demo_data["glas"]), output_dir=str(out), max_iterations=2,
+        **TINY_PRETRAIN)  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("setting", ["tracking_uri", "MLFLOW_TRACKING_URI"])
+def test_unreachable_server_stops_before_training_and_changes_nothing(
+    demo_data, untracked_run, tmp_path, monkeypatch, setting
+):
+    out = tmp_path / "run"
+    shutil.copytree(untracked_run, out)  # a run to resume, with tracking this time
     before = {p.name: p.read_bytes() for p in (out / "models").iterdir()}
     uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
     if setting == "tracking_uri":
@@ -231,10 +283,10 @@ def test_every_train_and_evaluate_config_records_to_mlflow(configs):
     """The records above come from handlers in the configs; every bundle lists them."""
     targets = _handler_targets([str(c) for c in configs])
     assert "monai_mdm.handlers.CheckTrackingServer" in targets
+    assert "monai_mdm.handlers.LogSettings" in targets
     if "mdm_pretrain" in str(configs[0]):
-        assert {"monai_mdm.handlers.LogSettings", "monai_mdm.handlers.ReconstructionGridSaver"} <= set(targets)
+        assert {"monai_mdm.handlers.ReconstructionGridSaver", "monai_mdm.handlers.LogArtifacts"} <= set(targets)
     elif configs[0].name == "train.json":
-        assert {"monai_mdm.handlers.LogSettings", "monai_mdm.handlers.LogSegmentationModel"} <= set(targets)
+        assert {"monai_mdm.handlers.SetTrackedLoss", "monai_mdm.handlers.LogSegmentationModel"} <= set(targets)
     else:
-        assert "monai_mdm.handlers.LogSettings" in targets
         assert re.search(r"(Segmentation|ClassIoU)Report", " ".join(targets))

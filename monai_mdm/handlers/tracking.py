@@ -114,14 +114,15 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         return  # the server answered, even if not with "OK"
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        source = "the MLFLOW_TRACKING_URI environment variable" if os.environ.get("MLFLOW_TRACKING_URI") else (
-            "the tracking_uri setting"
-        )
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            source = "the MLFLOW_TRACKING_URI environment variable"
+        else:
+            source = "the tracking_uri setting"
         raise ConnectionError(
-            f"MLflow tracking server '{uri}' (from {source}) cannot be reached: {reason}. The run stopped before "
-            "its first iteration; the outputs already in its output folder are unchanged. Start the server, point --tracking_uri (or "
-            "MLFLOW_TRACKING_URI, which takes precedence) at a running one, or leave out --tracking mlflow to "
-            "run without tracking."
+            f"MLflow tracking server '{uri}' (from {source}) cannot be reached: {reason}. The run stopped "
+            "before its first iteration; the outputs already in its output folder are unchanged. Start the "
+            "server, point --tracking_uri (or MLFLOW_TRACKING_URI, which takes precedence) at a running one, "
+            "or leave out --tracking mlflow to run without tracking."
         ) from e
 
 
