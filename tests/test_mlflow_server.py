@@ -262,6 +262,29 @@ def test_unreachable_server_stops_before_training_and_changes_nothing(
     assert {p.name: p.read_bytes() for p in (out / "models").iterdir()} == before
 
 
+def test_any_http_answer_counts_as_reachable_and_local_stores_are_not_checked(tmp_path):
+    """A proxy or server that answers /health with an HTTP error is up; MLflow reports its own errors."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from monai_mdm.handlers import check_tracking_uri
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), NotFound) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        check_tracking_uri(f"http://127.0.0.1:{httpd.server_address[1]}/prefix/", timeout=5)
+        httpd.shutdown()
+    check_tracking_uri(f"sqlite:///{tmp_path / 'missing' / 'mlruns.db'}")
+    with pytest.raises(ConnectionError, match=r"'http://127\.0\.0\.1:\d+'.*cannot be reached"):
+        check_tracking_uri(f"http://127.0.0.1:{_free_port()}", timeout=2)
+
+
 def _handler_targets(config_files) -> list[str]:
     parser = ConfigParser()
     parser.read_config(config_files)
