@@ -3,22 +3,40 @@ from .ema import EMA
 from .training import EarlyStopOnLoss, SaveModel
 from .reconstruction_grid import ReconstructionGridSaver, reconstruction_grid
 from .segmentation_report import ClassIoUReport, SegmentationReport
-from .tracking import LogSettings, log_artifact, mlflow_handlers
+from .tracking import (
+    CheckTrackingServer,
+    LogArtifacts,
+    LogSegmentationModel,
+    LogSettings,
+    SetTrackedLoss,
+    check_tracking_uri,
+    log_artifact,
+    log_metrics,
+    mlflow_handlers,
+    save_mlflow_model,
+)
 from .dice_report import DiceReport
 
 __all__ = [
+    "CheckTrackingServer",
     "ClassIoUReport",
     "DiceReport",
     "EMA",
     "EarlyStopOnLoss",
     "SaveModel",
     "SegmentationReport",
+    "LogArtifacts",
+    "LogSegmentationModel",
     "LogSettings",
     "ReconstructionGridSaver",
+    "SetTrackedLoss",
     "StopAtIteration",
     "TrainingCheckpoint",
     "find_latest_checkpoint",
+    "check_tracking_uri",
     "log_artifact",
+    "log_metrics",
     "mlflow_handlers",
     "reconstruction_grid",
+    "save_mlflow_model",
 ]

@@ -13,7 +13,7 @@ from monai.utils import CommonKeys
 from PIL import Image
 
 from monai_mdm.handlers.reconstruction_grid import to_uint8_rgb
-from monai_mdm.handlers.tracking import log_artifact
+from monai_mdm.handlers.tracking import log_artifact, log_metrics
 from monai_mdm.utils import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,8 @@ class SegmentationReport:
     ``batch[instance_key]``; the class map is saved as ``predictions/<name>.png`` (and ``.nii.gz`` when
     ``save_nifti``); ``overlays/<name>.png`` shows image | truth | prediction. On completion
     ``metrics.csv`` (one row per image) and ``metrics.json`` (rows and mean +- std) are written and the
-    summary is printed; with MLflow tracking the means are logged as metrics and the files as artifacts.
+    summary is printed; with MLflow tracking the means are logged as metrics and the tables and overlays
+    as artifacts.
 
     Args:
         output_dir: folder for the tables, predictions and overlays.
@@ -133,16 +134,10 @@ class SegmentationReport:
         self.table.write_json(json_path, extra=self.extra)
         summary = self.table.summary()
         print(self.table.format())
-        for handler in _mlflow(engine):
-            handler._log_metrics({f"test_{k}": v["mean"] for k, v in summary.items() if np.isfinite(v["mean"])})
+        log_metrics(engine, {f"test_{k}": v["mean"] for k, v in summary.items()})
         for path in (csv_path, json_path):
-            log_artifact(engine, str(path), "evaluation")
-
-
-def _mlflow(engine: Engine) -> list:
-    from monai_mdm.handlers.tracking import mlflow_handlers
-
-    return [h for h in mlflow_handlers(engine) if h.cur_run is not None]
+            log_artifact(engine, path, "evaluation")
+        log_artifact(engine, self.output_dir / "overlays", "evaluation/overlays")
 
 
 def _as_list(x) -> Sequence:
@@ -160,7 +155,8 @@ class ClassIoUReport:
     :class:`monai_mdm.metrics.MultiClassIoU`); ``ignore_index`` pixels do not count. Writes
     ``class_iou.csv`` (one row per class), ``metrics.json`` (per-class IoU, mIoU, settings), colour
     predictions ``predictions/<name>.png`` and overlays ``overlays/<name>.png`` (image | truth |
-    prediction) with the class palette, and ``legend.png`` naming the colours.
+    prediction) with the class palette, and ``legend.png`` naming the colours. With MLflow tracking the
+    mIoU and per-class IoUs are logged as metrics and the files as artifacts.
     """
 
     def __init__(
@@ -239,9 +235,11 @@ class ClassIoUReport:
         print(f"mean IoU over {len(self.names)} images: {miou:.4f}")
         for n, v in zip(self.class_names, per_class):
             print(f"  {n:<40} {'n/a' if np.isnan(v) else f'{v:.4f}'}")
-        for handler in _mlflow(engine):
-            handler._log_metrics({"test_mean_iou": miou})
-        log_artifact(engine, str(self.output_dir / "class_iou.csv"), "evaluation")
+        per_class_metrics = {f"test_iou/{n}": v for n, v in zip(self.class_names, per_class)}
+        log_metrics(engine, {"test_mean_iou": miou, **per_class_metrics})
+        for name in ("class_iou.csv", "metrics.json", "legend.png"):
+            log_artifact(engine, self.output_dir / name, "evaluation")
+        log_artifact(engine, self.output_dir / "overlays", "evaluation/overlays")
 
     def _save_legend(self, row: int = 14) -> None:
         from PIL import ImageDraw

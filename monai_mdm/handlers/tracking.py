@@ -1,10 +1,23 @@
-"""Extra MLflow records for runs tracked with ``python -m monai.bundle run ... --tracking mlflow``."""
+"""Extra MLflow records for runs tracked with ``python -m monai.bundle run ... --tracking mlflow``.
+
+MONAI's ``--tracking mlflow`` adds an ``MLFlowHandler`` to the bundle's engine at run time (the loss per
+iteration, ``engine.state.metrics`` per epoch). The handlers here add what a bundle knows beyond that: its
+settings, its output files, the trained model, and a reachability check of the tracking server. With
+tracking off they find no MLflow run and do nothing.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import importlib.util
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ignite.engine import Engine, Events
 
@@ -26,11 +39,35 @@ def mlflow_handlers(engine: Engine) -> list:
     return found
 
 
-def log_artifact(engine: Engine, path: str, artifact_path: str | None = None) -> None:
-    """Log a file to every active MLflow run of ``engine`` (nothing happens when tracking is off)."""
-    for handler in mlflow_handlers(engine):
-        if handler.cur_run is not None:
+def _active(engine: Engine) -> list:
+    return [h for h in mlflow_handlers(engine) if h.cur_run is not None]
+
+
+def log_artifact(engine: Engine, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+    """Log a file, or a folder's contents, under ``artifact_path`` of every active MLflow run of ``engine``.
+
+    Nothing happens when tracking is off or the path does not exist (e.g. overlays that were not saved).
+    """
+    path = Path(path)
+    for handler in _active(engine):
+        if path.is_dir():
+            handler.client.log_artifacts(handler.cur_run.info.run_id, str(path), artifact_path)
+        elif path.is_file():
             handler.client.log_artifact(handler.cur_run.info.run_id, str(path), artifact_path)
+
+
+def log_metrics(engine: Engine, metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Log finite ``metrics`` to every active MLflow run of ``engine``; names are made valid MLflow keys."""
+    import math
+
+    clean = {_metric_key(k): float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+    for handler in _active(engine):
+        handler._log_metrics(clean, step=step)
+
+
+def _metric_key(name: str) -> str:
+    # MLflow keys allow letters, digits, "_-. /:"; face-part names nest with "***" (e.g. "head***eye***iris")
+    return re.sub(r"[^\w\-. /:]", "_", str(name).replace("***", "/"))
 
 
 class LogSettings:
@@ -55,9 +92,153 @@ class LogSettings:
         if self._done:
             return
         configs = sorted(self.config_dir.glob("config_*.json")) if self.config_dir is not None else []
-        for handler in mlflow_handlers(engine):
-            if handler.cur_run is not None:
-                handler._log_params({k: str(v)[:500] for k, v in self.settings.items()})
-                if configs:
-                    handler.client.log_artifact(handler.cur_run.info.run_id, str(configs[-1]), "config")
+        for handler in _active(engine):
+            handler._log_params({k: str(v)[:500] for k, v in self.settings.items()})
+            if configs:
+                handler.client.log_artifact(handler.cur_run.info.run_id, str(configs[-1]), "config")
         self._done = True
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Raise ``ConnectionError`` naming ``uri`` when an http(s) tracking server does not answer in ``timeout`` s.
+
+    Any HTTP answer counts as reachable (MLflow reports its own errors quickly); local stores (sqlite) are
+    not checked. Without this check MLflow's client retries an unreachable server for minutes.
+    """
+    if urlsplit(str(uri)).scheme not in ("http", "https"):
+        return
+    try:
+        with urllib.request.urlopen(str(uri).rstrip("/") + "/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # the server answered, even if not with "OK"
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            source = "the MLFLOW_TRACKING_URI environment variable"
+        else:
+            source = "the tracking_uri setting"
+        raise ConnectionError(
+            f"MLflow tracking server '{uri}' (from {source}) cannot be reached: {reason}. The run stopped "
+            "before its first iteration; the outputs already in its output folder are unchanged. Start the "
+            "server, point --tracking_uri (or MLFLOW_TRACKING_URI, which takes precedence) at a running one, "
+            "or leave out --tracking mlflow to run without tracking."
+        ) from e
+
+
+class CheckTrackingServer:
+    """Stop a tracked run before its first iteration when the MLflow tracking server cannot be reached.
+
+    Runs on ``STARTED`` before MONAI's ``MLFlowHandler`` (which ``--tracking`` appends after the bundle's
+    handlers), so neither the tracking client's long retries nor any training step happen.
+    """
+
+    def __init__(self, timeout: float = 5.0) -> None:
+        self.timeout = float(timeout)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        for handler in mlflow_handlers(engine):
+            check_tracking_uri(handler.client.tracking_uri, self.timeout)
+
+
+class SetTrackedLoss:
+    """Tell the ``MLFlowHandler`` that ``--tracking`` adds where the iteration loss is in the engine's output.
+
+    MONAI's default settings read it with ``from_engine(["loss"], first=True)``, which suits decollated
+    outputs (a list of dicts) but returns a 1-tuple for the single dict of a ``decollate=False`` trainer
+    (the few-shot bundles), which MLflow cannot log.
+    """
+
+    def __init__(self, output_transform: Callable[[Any], Any]) -> None:
+        self.output_transform = output_transform
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        for handler in mlflow_handlers(engine):
+            handler.output_transform = self.output_transform
+
+
+class LogArtifacts:
+    """When the engine completes, log files or folders (e.g. the final weights) as MLflow artifacts.
+
+    List it after the handler that writes the files, since handlers of one event run in list order.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], artifact_path: str | None = None) -> None:
+        self.paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+        self.artifact_path = artifact_path
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        for path in self.paths:
+            log_artifact(engine, path, self.artifact_path)
+
+
+def save_mlflow_model(
+    model_path: str | os.PathLike, path: str | os.PathLike, window_size: int, overlap: float = 0.2
+) -> Path:
+    """Write a segmentation model file as an MLflow pyfunc model folder at ``path`` (see
+    ``monai_mdm/inferers/mlflow_model.py``): ``predict`` takes (N, H, W, 3) uint8 images and returns
+    (N, H, W) uint8 masks, windows of ``window_size`` (the training crop size) overlapping by ``overlap``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import mlflow
+    import monai
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
+    )
+    # explicit requirements: MLflow would otherwise load the model in a subprocess to infer them
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"monai=={monai.__version__}"]
+    try:
+        requirements.append(f"monai-mdm=={version('monai-mdm')}")
+    except PackageNotFoundError:
+        pass
+    mlflow.pyfunc.save_model(
+        str(path),
+        python_model=importlib.util.find_spec("monai_mdm.inferers.mlflow_model").origin,
+        artifacts={"model": str(model_path)},
+        # "device" None: cuda when available; load_model(uri, model_config={"device": "cpu"}) overrides it
+        model_config={"window_size": int(window_size), "overlap": float(overlap), "device": None},
+        signature=signature,
+        input_example=np.zeros((1, 16, 16, 3), np.uint8),  # MLflow checks at once that the saved model predicts
+        pip_requirements=requirements,
+    )
+    return Path(path)
+
+
+class LogSegmentationModel:
+    """When training completes, log the saved segmentation model as an MLflow pyfunc model.
+
+    ``mlflow.pyfunc.load_model("runs:/<run id>/model").predict(images)`` then gives class masks (see
+    :func:`save_mlflow_model`). List it after ``SaveModel``, which writes ``model_path`` on the same event.
+    """
+
+    def __init__(
+        self, model_path: str | os.PathLike, window_size: int, overlap: float = 0.2, artifact_path: str = "model"
+    ) -> None:
+        self.model_path = Path(model_path)
+        self.window_size, self.overlap = int(window_size), float(overlap)
+        self.artifact_path = artifact_path
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if not _active(engine):
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = save_mlflow_model(self.model_path, Path(tmp) / "model", self.window_size, self.overlap)
+            log_artifact(engine, folder, self.artifact_path)
