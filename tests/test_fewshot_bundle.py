@@ -223,3 +223,41 @@ def test_monuseg_inference_bundle_reads_tif_tiles(demo_data, pretrained, tmp_pat
     assert [p.name for p in outputs] == [f"{t.stem}_seg.png" for t in tiles]
     for tile, out in zip(tiles, outputs):
         assert Image.open(out).size == Image.open(tile).size
+
+
+@pytest.mark.parametrize(
+    "bundle, head_id",
+    [
+        ("mdm_glas_fewshot", "train#trainer#network"),
+        ("mdm_monuseg_fewshot", "train#trainer#network"),
+        ("mdm_face_parts_fewshot", "train#trainer#network"),
+        ("mdm_volume_fewshot", "train#trainer#network"),
+    ],
+)
+def test_trained_head_is_put_on_the_training_device(bundle, head_id, pretrained, tmp_path):
+    """SupervisedTrainer does not move the network; the config must, or a GPU run mixes devices."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / bundle / "configs" / "train.json"))
+    # "meta" stands in for a GPU: only the device the parameters end up on matters here
+    parser.update({"device": "$torch.device('meta')", "preset": "tiny", "pretrained_weights": str(pretrained)})
+    parser["blocks"] = [3, 4, 5]  # decoder blocks both tiny networks have
+    if bundle == "mdm_volume_fewshot":
+        parser["network"] = "$monai_mdm.networks.MDMUNet.from_preset('tiny3d', spatial_dims=3, in_channels=1).to(@device)"
+    head = parser.get_parsed_content(head_id)
+    assert {p.device.type for p in head.parameters()} == {"meta"}
+
+
+@pytest.mark.parametrize("mode, built", [("cached", "FeatureCache"), ("recompute", "Dataset")])
+def test_only_the_chosen_training_set_is_built(mode, built, demo_data, pretrained):
+    """With --feature_mode recompute no feature cache is computed (it would cost a UNet pass per crop)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(GLAS / "train.json"))
+    parser.update({"dataset_dir": str(demo_data["glas"]), "pretrained_weights": str(pretrained), "feature_mode": mode})
+    parser.update(HEAD)
+    other = "train#online" if mode == "cached" else "train#cached"
+    assert parser.get_parsed_content(other) is None
+    assert type(parser.get_parsed_content("train#dataloader#dataset")).__name__ == built
