@@ -2,30 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, List
 
 import torch
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:
-    """Write a file through ``write(file_object)`` so that readers see either the old file or the whole new one.
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[str]:
+    """Yield a temporary file name beside ``path``; on success it is renamed over ``path``, on error removed.
 
-    The data goes to a temporary file in the same folder, is flushed to disk, then renamed over ``path``:
-    an interrupted run (kill, full disk, exception) never leaves a truncated file behind.
+    For writers that want a file name rather than a file object (NIfTI, SimpleITK): readers see either the
+    old file or the whole new one, never a truncated file. ``suffix`` keeps the extension writers look at.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
@@ -34,7 +34,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    return path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:
+    """Write a file through ``write(file_object)`` so that readers see either the old file or the whole new one.
+
+    The data goes to a temporary file in the same folder, is flushed to disk, then renamed over ``path``:
+    an interrupted run (kill, full disk, exception) never leaves a truncated file behind.
+    """
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(path)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:

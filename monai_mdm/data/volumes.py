@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import numpy as np
 from monai.data import NibabelWriter
 from scipy import ndimage as ndi
 
-from monai_mdm.utils import atomic_write
+from monai_mdm.utils import atomic_path, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -284,17 +283,8 @@ class AtomicNibabelWriter(NibabelWriter):
 
     def write(self, filename: str | os.PathLike, verbose: bool = False, **obj_kwargs) -> None:
         target = Path(filename)
-        suffix = ".nii.gz" if target.name.endswith(".gz") else ".nii"
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-        os.close(fd)
-        try:
+        with atomic_path(target, ".nii.gz" if target.name.endswith(".gz") else ".nii") as tmp:
             super().write(tmp, verbose=False, **obj_kwargs)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
         if verbose:
             logger.info(f"wrote '{target}'.")
 
@@ -345,18 +335,9 @@ def convert_to_nifti(source: str | os.PathLike, target: str | os.PathLike, serie
     if abs(np.linalg.det(direction)) < 1e-12:
         raise ValueError(f"'{source}' has a non-invertible direction/spacing {image.GetDirection()}, "
                          f"{image.GetSpacing()}.")  # fmt: skip
-    target.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if target.name.endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, useCompression=suffix == ".nii.gz")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    compress = target.name.endswith(".gz")
+    with atomic_path(target, ".nii.gz" if compress else ".nii") as tmp:
+        sitk.WriteImage(image, tmp, useCompression=compress)
     return target
 
 
