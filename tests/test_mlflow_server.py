@@ -31,6 +31,7 @@ from conftest import BUNDLES, error_chain, write_face_parts
 PRETRAIN = str(BUNDLES / "mdm_pretrain" / "configs" / "train.json")
 GLAS = BUNDLES / "mdm_glas_fewshot" / "configs"
 FACES = BUNDLES / "mdm_face_parts_fewshot" / "configs"
+VOLUME = BUNDLES / "mdm_volume_fewshot" / "configs"
 TINY_PRETRAIN = dict(image_size=32, batch_size=2, num_workers=0, progress_bar=False, save_interval=2, grid_interval=2)
 HEAD = dict(crop_size=32, crops_per_image=2, max_epochs=2, warmup_epochs=0, label_budget=0.2)
 
@@ -228,6 +229,63 @@ def test_face_parts_bundle_records_per_class_iou_and_a_34_class_model(
     assert masks.shape == (1, 64, 64) and masks.max() < 34
 
 
+def test_volume_bundle_records_settings_dice_tables_and_a_3d_model(tmp_path, monkeypatch):
+    """Tracked with the bundle's default store (``<output_dir>/mlruns.db``): no server needed."""
+    from monai.utils import path_to_sqlite_uri
+
+    from monai_mdm.data.volumes import synthesize_volume, write_volumes
+    from monai_mdm.inferers import load_segmentation_model, make_sliding_window_inferer
+    from monai_mdm.networks import MDMUNet
+
+    data = write_volumes(tmp_path / "volumes", n_train=1, n_test=1, size=(16, 16, 12), seed=0)  # 16^3 at 1.5 mm
+    weights = tmp_path / "unet3d.pt"
+    torch.save(MDMUNet.from_preset("tiny3d").state_dict(), weights)  # untrained: only the records matter here
+    out = tmp_path / "run"
+    common = dict(dataset_dir=str(data), output_dir=str(out), tracking="mlflow")
+    run(config_file=str(VOLUME / "train.json"), pretrained_weights=str(weights), label_budget=1, crop_size=16,
+        crops_per_image=2, batch_size=1, max_epochs=1, warmup_epochs=0, **common)  # fmt: skip
+    run(config_file=str(VOLUME / "evaluate.json"), window_size=16, overlap=0.0, **common)
+    uri = path_to_sqlite_uri(str(out / "mlruns.db"))
+    client = mlflow.MlflowClient(uri)
+
+    training = _only_run(client, "mdm_volume_fewshot", "mdm_train")
+    run_id = training.info.run_id
+    params = training.data.params
+    assert params["num_labelled"] == "1" and params["crop_size"] == "16" and params["preset"] == "tiny3d"
+    assert params["spacing"] == "[1.5, 1.5, 1.5]" and params["intensity_range"] == "[-160.0, 240.0]"
+    assert [m.step for m in client.get_metric_history(run_id, "epoch_loss")] == [1]
+    assert len(client.get_metric_history(run_id, "train_loss")) == 2  # 1 volume x 2 crops, batch 1
+    assert "model/MLmodel" in _artifacts(client, run_id, "model")
+
+    evaluation = _only_run(client, "mdm_volume_fewshot", "mdm")
+    assert evaluation.data.params["window_size"] == "16" and evaluation.data.params["num_cases"] == "1"
+    doc = json.loads((out / "evaluation" / "metrics.json").read_text())
+    means = {f"test_{k}": v["mean"] for k, v in doc["summary"].items()}
+    assert set(means) == {"test_dice_organ", "test_dice_lesion", "test_mean_dice"}
+    assert evaluation.data.metrics == pytest.approx(means)
+    eval_id = evaluation.info.run_id
+    assert _artifacts(client, eval_id, "evaluation") == ["evaluation/metrics.csv", "evaluation/metrics.json"]
+    table = client.download_artifacts(eval_id, "evaluation/metrics.csv", str(tmp_path))
+    assert Path(table).read_text() == (out / "evaluation" / "metrics.csv").read_text()
+
+    # the logged model segments HU volumes on the training grid as the bundle's network does
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model", model_config={"device": "cpu"})
+    hu = np.stack([synthesize_volume(i, (16, 16, 24), seed=1)[0] for i in (1, 2)]).astype(np.float32)
+    labels = model.predict(hu)
+    assert labels.shape == hu.shape and labels.dtype == np.uint8 and labels.max() <= 2
+    network = load_segmentation_model(out / "models" / "model.pt", "cpu")
+    scaled = torch.from_numpy(np.clip((hu + 160.0) / 400.0 * 2 - 1, -1, 1))[:, None]
+    with torch.no_grad():
+        expected = make_sliding_window_inferer(roi_size=16, overlap=0.2)(scaled, network).argmax(1).numpy()
+    assert np.array_equal(labels, expected)
+    # an untrained UNet's features leave the argmax mostly background: check the HU window directly too
+    window = model.unwrap_python_model().scale(torch.tensor([-1000.0, -160.0, 40.0, 240.0, 1000.0]))
+    assert torch.as_tensor(window).tolist() == pytest.approx([-1.0, -1.0, 0.0, 1.0, 1.0])
+    with pytest.raises(Exception, match="volumes|shape"):
+        model.predict(hu[0])  # one volume without the batch axis is refused, not misread
+
+
 @pytest.fixture(scope="module")
 def untracked_run(demo_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("untracked")
@@ -312,4 +370,4 @@ def test_every_train_and_evaluate_config_records_to_mlflow(configs):
     elif configs[0].name == "train.json":
         assert {"monai_mdm.handlers.SetTrackedLoss", "monai_mdm.handlers.LogSegmentationModel"} <= set(targets)
     else:
-        assert re.search(r"(Segmentation|ClassIoU)Report", " ".join(targets))
+        assert re.search(r"(Segmentation|ClassIoU|Dice)Report", " ".join(targets))

@@ -19,6 +19,7 @@ from conftest import BUNDLES, REPO
 
 PRETRAIN = BUNDLES / "mdm_pretrain" / "configs"
 GLAS = BUNDLES / "mdm_glas_fewshot" / "configs"
+VOLUME = BUNDLES / "mdm_volume_fewshot" / "configs"
 WORLD = 2
 
 
@@ -94,6 +95,31 @@ def test_ddp_head_training_shards_the_cache_and_stops_together(ddp_pretrain, dem
     assert sorted(p.name for p in (out / "models").iterdir()) == ["model.pt"]
     assert json.loads((out / "label_budget.json").read_text())["count"] == 2
     assert isinstance(load_segmentation_model(out / "models" / "model.pt"), MDMSegmenter)
+
+
+def test_ddp_volume_head_training_shards_the_3d_cache_and_rank0_saves(tmp_path):
+    from monai_mdm.data.volumes import write_volumes
+    from monai_mdm.inferers import MDMSegmenter, load_segmentation_model
+    from monai_mdm.networks import MDMUNet
+
+    data = write_volumes(tmp_path / "volumes", n_train=2, n_test=0, size=(16, 16, 12), seed=0)  # 16^3 at 1.5 mm
+    weights = tmp_path / "unet3d.pt"
+    torch.save(MDMUNet.from_preset("tiny3d").state_dict(), weights)  # untrained: the distribution is tested
+    out = tmp_path / "volume"
+    # 2 labelled volumes x 2 cubes = 4 cubes: 2 per rank; global batch 2 = 1 per rank
+    logs = _torchrun(VOLUME, tmp_path / "torchrun", dataset_dir=data, output_dir=out, pretrained_weights=weights,
+                     label_budget=2, crop_size=16, crops_per_image=2, batch_size=2, max_epochs=2,
+                     warmup_epochs=0)  # fmt: skip
+    losses = {}
+    for rank, log in logs.items():
+        assert f"cached 2 of 4 crops (shard {rank} of {WORLD})" in log
+        losses[rank] = re.findall(r"Epoch\[\d+\] Metrics -- epoch_loss: ([\d.]+)", log)
+        assert len(losses[rank]) == 2, f"rank {rank} did not train 2 epochs"
+    assert losses[0] == losses[1]
+    assert [("saved model" in logs[r]) for r in range(WORLD)] == [True, False]
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["model.pt"]
+    model = load_segmentation_model(out / "models" / "model.pt")
+    assert isinstance(model, MDMSegmenter) and model.extractor.spatial_dims == 3
 
 
 # ---------------------------------------------------------------- the pieces, in one process
@@ -200,7 +226,10 @@ def test_ranks_that_see_different_checkpoints_refuse_to_resume(tmp_path, monkeyp
         saver.load_latest(Engine(lambda e, b: None))
 
 
-@pytest.mark.parametrize("bundle", ["mdm_pretrain", "mdm_glas_fewshot", "mdm_monuseg_fewshot", "mdm_face_parts_fewshot"])
+@pytest.mark.parametrize(
+    "bundle",
+    ["mdm_pretrain", "mdm_glas_fewshot", "mdm_monuseg_fewshot", "mdm_face_parts_fewshot", "mdm_volume_fewshot"],
+)
 def test_multi_gpu_config_fits_its_train_config(bundle):
     """Every id the overlay overrides or refers to exists in train.json (two bundles run only in this file)."""
     from monai.bundle import ConfigParser

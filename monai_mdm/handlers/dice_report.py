@@ -10,7 +10,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.utils import CommonKeys
 
-from monai_mdm.handlers.tracking import log_artifact
+from monai_mdm.handlers.tracking import log_artifact, log_metrics
 
 
 class DiceReport:
@@ -20,7 +20,8 @@ class DiceReport:
     ``dice_<class>`` is :func:`monai_mdm.metrics.paper_dice` of ``pred == c`` against ``label == c`` (1.0 when the
     class is absent from both), ``mean_dice`` their mean. Voxels labelled ``ignore_index`` count for nothing.
     On completion ``metrics.csv`` (one row per case) and ``metrics.json`` (rows, mean and std) are written with
-    :class:`monai_mdm.metrics.MetricTable`, as the 2D bundles' reports are, and the summary is printed.
+    :class:`monai_mdm.metrics.MetricTable`, as the 2D bundles' reports are, and the summary is printed; with
+    MLflow tracking the means are logged as ``test_<metric>`` metrics and the tables as artifacts.
     Use the evaluator with ``decollate=False``.
 
     Args:
@@ -86,5 +87,6 @@ class DiceReport:
         self.table.write_csv(paths[0])
         self.table.write_json(paths[1], extra={"class_names": self.class_names, **self.extra})
         print(self.table.format())
+        log_metrics(engine, {f"test_{k}": v["mean"] for k, v in self.table.summary().items()})
         for path in paths:
             log_artifact(engine, str(path), "evaluation")

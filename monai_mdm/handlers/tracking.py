@@ -182,11 +182,18 @@ class LogArtifacts:
 
 
 def save_mlflow_model(
-    model_path: str | os.PathLike, path: str | os.PathLike, window_size: int, overlap: float = 0.2
+    model_path: str | os.PathLike,
+    path: str | os.PathLike,
+    window_size: int,
+    overlap: float = 0.2,
+    spatial_dims: int = 2,
+    intensity_range: Sequence[float] = (0.0, 255.0),
 ) -> Path:
     """Write a segmentation model file as an MLflow pyfunc model folder at ``path`` (see
-    ``monai_mdm/inferers/mlflow_model.py``): ``predict`` takes (N, H, W, 3) uint8 images and returns
-    (N, H, W) uint8 masks, windows of ``window_size`` (the training crop size) overlapping by ``overlap``."""
+    ``monai_mdm/inferers/mlflow_model.py``), windows of ``window_size`` (the training crop size) overlapping
+    by ``overlap``. 2D: ``predict`` takes (N, H, W, 3) uint8 images and returns (N, H, W) uint8 masks. 3D:
+    (N, D, H, W) float32 volumes in the units of ``intensity_range`` (e.g. HU), already on the training
+    grid, give (N, D, H, W) uint8 label maps. ``intensity_range`` is mapped to [-1, 1] as in the bundles."""
     from importlib.metadata import PackageNotFoundError, version
 
     import mlflow
@@ -196,24 +203,35 @@ def save_mlflow_model(
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
-        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
-    )
+    if spatial_dims == 2:
+        inputs, example = TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3)), np.zeros((1, 16, 16, 3), np.uint8)
+    elif spatial_dims == 3:
+        inputs, example = TensorSpec(np.dtype(np.float32), (-1, -1, -1, -1)), np.zeros((1, 16, 16, 16), np.float32)
+    else:
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+    outputs = TensorSpec(np.dtype(np.uint8), (-1,) * (spatial_dims + 1))
+    signature = ModelSignature(inputs=Schema([inputs]), outputs=Schema([outputs]))
     # explicit requirements: MLflow would otherwise load the model in a subprocess to infer them
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"monai=={monai.__version__}"]
     try:
         requirements.append(f"monai-mdm=={version('monai-mdm')}")
     except PackageNotFoundError:
         pass
+    low, high = (float(v) for v in intensity_range)
     mlflow.pyfunc.save_model(
         str(path),
         python_model=importlib.util.find_spec("monai_mdm.inferers.mlflow_model").origin,
         artifacts={"model": str(model_path)},
         # "device" None: cuda when available; load_model(uri, model_config={"device": "cpu"}) overrides it
-        model_config={"window_size": int(window_size), "overlap": float(overlap), "device": None},
+        model_config={
+            "window_size": int(window_size),
+            "overlap": float(overlap),
+            "spatial_dims": int(spatial_dims),
+            "intensity_range": [low, high],
+            "device": None,
+        },
         signature=signature,
-        input_example=np.zeros((1, 16, 16, 3), np.uint8),  # MLflow checks at once that the saved model predicts
+        input_example=example,  # MLflow checks at once that the saved model predicts
         pip_requirements=requirements,
     )
     return Path(path)
@@ -223,15 +241,23 @@ class LogSegmentationModel:
     """When training completes, log the saved segmentation model as an MLflow pyfunc model.
 
     ``mlflow.pyfunc.load_model("runs:/<run id>/model").predict(images)`` then gives class masks (see
-    :func:`save_mlflow_model`). List it after ``SaveModel``, which writes ``model_path`` on the same event.
+    :func:`save_mlflow_model`, which takes ``spatial_dims`` and ``intensity_range`` for volumes). List it
+    after ``SaveModel``, which writes ``model_path`` on the same event.
     """
 
     def __init__(
-        self, model_path: str | os.PathLike, window_size: int, overlap: float = 0.2, artifact_path: str = "model"
+        self,
+        model_path: str | os.PathLike,
+        window_size: int,
+        overlap: float = 0.2,
+        artifact_path: str = "model",
+        spatial_dims: int = 2,
+        intensity_range: Sequence[float] = (0.0, 255.0),
     ) -> None:
         self.model_path = Path(model_path)
         self.window_size, self.overlap = int(window_size), float(overlap)
         self.artifact_path = artifact_path
+        self.spatial_dims, self.intensity_range = int(spatial_dims), tuple(float(v) for v in intensity_range)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
@@ -240,5 +266,8 @@ class LogSegmentationModel:
         if not _active(engine):
             return
         with tempfile.TemporaryDirectory() as tmp:
-            folder = save_mlflow_model(self.model_path, Path(tmp) / "model", self.window_size, self.overlap)
+            folder = save_mlflow_model(
+                self.model_path, Path(tmp) / "model", self.window_size, self.overlap,
+                self.spatial_dims, self.intensity_range,
+            )  # fmt: skip
             log_artifact(engine, folder, self.artifact_path)
