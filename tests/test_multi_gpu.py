@@ -25,6 +25,13 @@ WORLD = 2
 
 def _torchrun(configs: Path, log_dir: Path, **overrides) -> dict[int, str]:
     """Run ``train.json`` merged with ``multi_gpu_train.json`` on 2 CPU processes; return each rank's log."""
+    returncode, stderr, logs = _torchrun_result(configs, log_dir, **overrides)
+    tails = "\n".join(f"--- rank {r}:\n{text[-3000:]}" for r, text in logs.items())
+    assert returncode == 0, f"torchrun failed ({returncode}):\n{stderr[-2000:]}\n{tails}"
+    return logs
+
+
+def _torchrun_result(configs: Path, log_dir: Path, **overrides) -> tuple[int, str, dict[int, str]]:
     config_file = str([str(configs / "train.json"), str(configs / "multi_gpu_train.json")])
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc_per_node={WORLD}",
@@ -40,9 +47,7 @@ def _torchrun(configs: Path, log_dir: Path, **overrides) -> dict[int, str]:
     for rank in range(WORLD):
         files = sorted(log_dir.glob(f"*/attempt_0/{rank}/std*.log"))
         logs[rank] = "".join(f.read_text() for f in files)
-    tails = "\n".join(f"--- rank {r}:\n{text[-3000:]}" for r, text in logs.items())
-    assert result.returncode == 0, f"torchrun failed ({result.returncode}):\n{result.stderr[-2000:]}\n{tails}"
-    return logs
+    return result.returncode, result.stderr, logs
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +100,25 @@ def test_ddp_head_training_shards_the_cache_and_stops_together(ddp_pretrain, dem
     assert sorted(p.name for p in (out / "models").iterdir()) == ["model.pt"]
     assert json.loads((out / "label_budget.json").read_text())["count"] == 2
     assert isinstance(load_segmentation_model(out / "models" / "model.pt"), MDMSegmenter)
+
+
+def test_unreachable_tracking_server_stops_every_rank_before_training(demo_data, tmp_path):
+    """Only rank 0 tracks; the others must stop with its error, not wait for it in the first all-reduce."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once the socket is closed
+    out = tmp_path / "run"
+    returncode, _, logs = _torchrun_result(
+        PRETRAIN, tmp_path / "torchrun", dataset_dir=demo_data["glas"], output_dir=out, max_iterations=2,
+        image_size=32, batch_size=4, num_workers=0, tracking="mlflow", tracking_uri=uri,
+    )  # fmt: skip
+    assert returncode != 0
+    for rank in range(WORLD):
+        assert uri in logs[rank], f"rank {rank} does not say why it stopped:\n{logs[rank][-2000:]}"
+    assert "the tracking process (rank 0) stopped the run" in logs[1]
+    assert not (out / "models").exists() or not any((out / "models").iterdir())
 
 
 def test_ddp_volume_head_training_shards_the_3d_cache_and_rank0_saves(tmp_path):

@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 
 from ignite.engine import Engine, Events
 
+from monai_mdm.distributed import all_gather_objects
+
 
 def mlflow_handlers(engine: Engine) -> list:
     """MONAI ``MLFlowHandler`` objects attached to ``engine``.
@@ -130,7 +132,8 @@ class CheckTrackingServer:
     """Stop a tracked run before its first iteration when the MLflow tracking server cannot be reached.
 
     Runs on ``STARTED`` before MONAI's ``MLFlowHandler`` (which ``--tracking`` appends after the bundle's
-    handlers), so neither the tracking client's long retries nor any training step happen.
+    handlers), so neither the tracking client's long retries nor any training step happen. In a multi-process
+    run only rank 0 tracks; it shares the outcome so that every rank stops with the same error.
     """
 
     def __init__(self, timeout: float = 5.0) -> None:
@@ -140,8 +143,17 @@ class CheckTrackingServer:
         engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
-        for handler in mlflow_handlers(engine):
-            check_tracking_uri(handler.client.tracking_uri, self.timeout)
+        error: ConnectionError | None = None
+        try:
+            for handler in mlflow_handlers(engine):
+                check_tracking_uri(handler.client.tracking_uri, self.timeout)
+        except ConnectionError as e:
+            error = e
+        messages = [m for m in all_gather_objects(None if error is None else str(error)) if m]
+        if error is not None:
+            raise error
+        if messages:
+            raise ConnectionError(f"the tracking process (rank 0) stopped the run: {messages[0]}")
 
 
 class SetTrackedLoss:
