@@ -229,8 +229,8 @@ class StepResult:
 def check_config(cfg: StepConfig) -> None:
     if cfg.preset not in PRESETS:
         raise ValueError(f"unknown preset {cfg.preset!r}; choose one of {sorted(PRESETS)}.")
-    if PRESETS[cfg.preset]["spatial_dims"] != 2:
-        raise ValueError(f"this benchmark measures 2D training; preset {cfg.preset!r} is not 2D.")
+    if PRESETS[cfg.preset]["spatial_dims"] != 2 and cfg.channels_last:
+        raise ValueError(f"--channels-last is for 2D presets; {cfg.preset!r} is 3D.")
     if cfg.precision not in AMP_DTYPES:
         raise ValueError(f"precision must be one of {sorted(AMP_DTYPES)}, got {cfg.precision!r}.")
     divisor = 2 ** (len(PRESETS[cfg.preset]["channel_mult"]) - 1)
@@ -257,13 +257,14 @@ def build_train_step(cfg: StepConfig, device: torch.device, seed: int = 0) -> tu
     n_params = sum(p.numel() for p in model.parameters())
     net = torch.compile(model) if cfg.compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
-    loss_fn = reconstruction_loss("ssim", spatial_dims=2)
+    nd = PRESETS[cfg.preset]["spatial_dims"]
+    loss_fn = reconstruction_loss("ssim", spatial_dims=nd)
     masking = PatchMasking(patch_size=PATCH_SIZE, num_timesteps=NUM_TIMESTEPS)
     amp_dtype = AMP_DTYPES[cfg.precision]
     # fp16 needs loss scaling against gradient underflow; used on CUDA (the CPU path runs fp16 unscaled)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16" and device.type == "cuda")
 
-    clean = torch.rand(cfg.batch, model.in_channels, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+    clean = torch.rand(cfg.batch, model.in_channels, *[cfg.image_size] * nd, device=device) * 2 - 1
     clean = clean.contiguous(memory_format=fmt)
     chunks = clean.split(cfg.batch // cfg.micro_batches)
 
@@ -462,9 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
         "and the cost of batched patch masking.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--preset", default="tiny", choices=sorted(k for k, v in PRESETS.items() if v["spatial_dims"] == 2))
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument(
-        "--image-size", type=int, default=64, help="square crop size (multiple of 8 and of the preset's downsampling)"
+        "--image-size", type=int, default=64, help="crop edge, square or cubic for 3D presets (multiple of 8 and of the preset's downsampling)"
     )
     p.add_argument("--batch", type=int, default=8, help="global batch per optimiser step")
     p.add_argument(

@@ -60,6 +60,15 @@ def test_pretrain_throughput_smoke(capsys):
         assert all(float(v) > 0 for v in row[-3:]), row
 
 
+def test_pretrain_throughput_measures_the_3d_preset(capsys):
+    bench = _load_script()
+    argv = ["--preset", "tiny3d", "--image-size", "16", "--batch", "2", "--steps", "1", "--warmup", "0"]
+    assert bench.main(argv + ["--device", "cpu", "--skip-masking"]) == 0
+    header, rows = _table(capsys.readouterr().out.splitlines(), "Training step")
+    assert len(rows) == 1 and rows[0][0] == "tiny3d"
+    assert float(rows[0][header.index("images/s")]) > 0 and float(rows[0][header.index("loss")]) > 0
+
+
 FEWSHOT_SCRIPT = SCRIPT.parent / "fewshot_memory.py"
 
 
