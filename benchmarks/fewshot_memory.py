@@ -32,11 +32,9 @@ See ``benchmarks/README.md`` for what each figure means.
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -52,8 +50,10 @@ try:  # run from a checkout without installing the package
     import monai_mdm  # noqa: F401
 except ImportError:  # pragma: no cover - depends on how the script is launched
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # host_memory beside this script
 
 import monai  # noqa: E402
+from host_memory import HostPeak  # noqa: E402
 
 from monai_mdm.data.synthetic import synthesize_tile  # noqa: E402
 from monai_mdm.engines.feature_batch import CachedFeaturePrepareBatch, OnlineFeaturePrepareBatch  # noqa: E402
@@ -103,66 +103,6 @@ GPU_FIGURES = ("gpu_peak_cache_build", "gpu_peak_cached_training", "gpu_peak_rec
 
 
 # ----------------------------------------------------------------------------- memory and timing helpers
-
-
-def _status_kib(name: str) -> int | None:
-    """A ``kB`` field (``VmHWM``, ``VmRSS``) of ``/proc/self/status``; ``None`` where there is no procfs."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-class HostPeak:
-    """Peak resident set size of this process.
-
-    On Linux the peak is ``VmHWM``, which :meth:`reset` sets back to the current RSS by writing 5 to
-    ``/proc/self/clear_refs``; where that fails it falls back to ``ru_maxrss``, the peak since the process
-    started (not resettable: then only the first phase's figure is that phase's own).
-    """
-
-    def __init__(self) -> None:
-        self.resettable = self._clear()
-        if self.resettable:
-            self.how = "VmHWM of /proc/self/status, reset by /proc/self/clear_refs before each phase"
-        elif _status_kib("VmHWM") is not None:
-            self.how = "VmHWM of /proc/self/status (not resettable here: peak since the process started)"
-        else:
-            self.how = "ru_maxrss of getrusage (peak since the process started)"
-
-    @staticmethod
-    def _clear() -> bool:
-        if _status_kib("VmHWM") is None:
-            return False
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            return False
-        return True
-
-    def reset(self) -> None:
-        gc.collect()
-        if self.resettable:
-            self._clear()
-
-    def peak_mib(self) -> float:
-        hwm = _status_kib("VmHWM")
-        if hwm is not None:
-            return hwm / 1024
-        scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / MIB
-
-
-def current_rss_mib() -> float:
-    rss = _status_kib("VmRSS")
-    if rss is not None:
-        return rss / 1024
-    return HostPeak().peak_mib()  # pragma: no cover - no procfs: the best available figure
 
 
 def _sync(device: torch.device) -> None:
@@ -419,7 +359,7 @@ def run_benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser, dev
     blockwise = not args.assembled_cache
     cached_way = "blockwise" if blockwise else "assembled"
     host = HostPeak()
-    rss_start = current_rss_mib()
+    rss_start = host.current_mib()
 
     # ---- network, extractor and data (random weights, synthetic images)
     torch.manual_seed(args.seed)
@@ -447,7 +387,7 @@ def run_benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser, dev
     )
     for line in describe_machine(device):
         print(line)
-    print(f"memory   : host peak = {host.how}")
+    print(f"memory   : host peak = {host.how} before each phase")
     print(
         f"           RSS at start of main {rss_start:.1f} MiB; synthetic images held as uint8: "
         f"{data.nbytes() / MIB:.1f} MiB (part of every RSS figure)"
@@ -455,7 +395,7 @@ def run_benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser, dev
     print(flush=True)
     if args.warmup:  # first calls pay one-off set-up costs (kernel selection, allocator growth): not the cache's
         extractor.extract_blocks(data[0][0][None, :, : crop[0], : crop[1]].to(device))
-    rss_before = current_rss_mib()
+    rss_before = host.current_mib()
 
     # ---- 1. build the cache (features computed once), then train the head on it
     host.reset()
@@ -486,7 +426,7 @@ def run_benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser, dev
         cached_prepare, cached_batch, cached_network, opt, args.steps, args.warmup, device
     )
     peak_cache_train = host.peak_mib()  # covers the cache build and the cached training
-    rss_after_train = current_rss_mib()
+    rss_after_train = host.current_mib()
     gpu_cached = _gpu_peak_mib(device)
     print(f"cached training ({cached_way}): {args.steps} steps, loss {cached_loss:.4f}", flush=True)
 

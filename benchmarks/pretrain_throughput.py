@@ -24,7 +24,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -39,8 +38,10 @@ try:  # run from a checkout without installing the package
     import monai_mdm  # noqa: F401
 except ImportError:  # pragma: no cover - depends on how the script is launched
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # host_memory beside this script
 
 import monai  # noqa: E402
+from host_memory import HostPeak, current_rss_mib  # noqa: E402
 
 from monai_mdm.losses.reconstruction import reconstruction_loss  # noqa: E402
 from monai_mdm.networks.mdm_unet import MDMUNet  # noqa: E402
@@ -91,67 +92,33 @@ def _free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _status_kib(field_name: str) -> int | None:
-    """A ``kB`` field of /proc/self/status (Linux), or None."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 class PeakMemory:
     """Peak memory of one benchmark row.
 
     CUDA: ``torch.cuda.max_memory_allocated`` (tensors held by PyTorch's allocator; reset per row).
-    CPU: the peak resident set size of the whole process. On Linux the peak (VmHWM) is reset per row by
-    writing 5 to /proc/self/clear_refs; where that is not allowed, ``ru_maxrss`` is reported, which is the
-    process's peak since it started. Either way the CPU figure includes the interpreter, torch's libraries
-    and memory the allocator kept from earlier rows.
+    CPU: the peak resident set size of the whole process (:class:`host_memory.HostPeak`, reset per row where
+    Linux allows it), which includes the interpreter, torch's libraries and memory the allocator kept from
+    earlier rows.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        if device.type == "cuda":
+        self.host = HostPeak() if device.type != "cuda" else None
+        if self.host is None:
             self.kind = "CUDA torch.cuda.max_memory_allocated, reset per row"
-        elif self._reset_vmhwm():
-            self.kind = "CPU peak RSS of the process (/proc/self/status VmHWM, reset per row)"
         else:
-            self.kind = "CPU peak RSS of the process since start (resource.getrusage ru_maxrss, not resettable)"
-
-    @staticmethod
-    def _reset_vmhwm() -> bool:
-        if _status_kib("VmHWM") is None:
-            return False
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            return False
-        hwm, rss = _status_kib("VmHWM"), _status_kib("VmRSS")
-        return hwm is not None and rss is not None and hwm <= rss + 4096  # the peak now equals the current RSS
+            self.kind = f"CPU peak RSS of the process ({self.host.how}{', per row' if self.host.resettable else ''})"
 
     def reset(self) -> None:
-        if self.device.type == "cuda":
+        if self.host is None:
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif "VmHWM" in self.kind:
-            self._reset_vmhwm()
+        else:
+            self.host.reset()
 
     def read_mib(self) -> float:
-        if self.device.type == "cuda":
+        if self.host is None:
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        if "VmHWM" in self.kind:
-            return (_status_kib("VmHWM") or 0) / 1024
-        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024  # bytes on macOS, KiB on Linux
-
-
-def current_rss_mib() -> float | None:
-    kib = _status_kib("VmRSS")
-    return None if kib is None else kib / 1024
+        return self.host.peak_mib()
 
 
 def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
