@@ -718,15 +718,19 @@ def _weight_sets(path: Path, state: Any) -> tuple[dict[str, tuple[Path, Any]], M
     """The weight sets ``path`` offers ({"ema"/"raw"/"given": (file, loaded state)}) and its pretraining record.
 
     A pretraining checkpoint holds both sets; a self-describing ``model.pt`` / ``model_ema.pt`` holds one and
-    names it, and the other is the file beside it (read only if present and recorded as the other set);
-    anything else (a converted or guided-diffusion file, a model file written before records existed) is one
-    set of unknown kind.
+    names it, and the other is the file beside it (read only if present and recorded as the other set); a file
+    from ``python -m monai_mdm.convert`` holds the one set it names; anything else (a guided-diffusion state
+    dict, a model file written before records existed) is one set of unknown kind.
     """
-    record = state.get("pretraining") if isinstance(state, Mapping) else None
-    record = record if isinstance(record, Mapping) else None
-    if isinstance(state, Mapping) and isinstance(state.get("network"), Mapping) and isinstance(state.get("ema"), Mapping):
+    if not isinstance(state, Mapping):
+        return {"given": (path, state)}, None
+    record = state.get("pretraining") if isinstance(state.get("pretraining"), Mapping) else None
+    if isinstance(state.get("network"), Mapping) and isinstance(state.get("ema"), Mapping):
         return {"raw": (path, state["network"]), "ema": (path, state["ema"])}, record
-    kind = record.get("weights") if record is not None else None
+    if record is None:
+        converted = state.get("weights") in ("ema", "raw") and isinstance(state.get("state_dict"), Mapping)
+        return {state["weights"] if converted else "given": (path, state)}, None
+    kind = record.get("weights")
     if kind not in ("ema", "raw"):
         return {"given": (path, state)}, record
     sets = {kind: (path, state)}
@@ -745,11 +749,11 @@ def _auto_choice(record: Mapping[str, Any] | None, sets: Mapping[str, Any]) -> t
         key = "ema" if "ema" in sets else next(iter(sets))
         return key, "the file records no EMA state, so its weights are used as before"
     init, updates = float(ema["init_weight"]), int(ema.get("updates", 0))
+    limit = f"{AUTO_EMA_MAX_INIT_WEIGHT:.0%}"
     if init < AUTO_EMA_MAX_INIT_WEIGHT:
-        want, why = "ema", f"the EMA has left the initialisation ({init:.2g} of it left after {updates} updates"
+        want, why = "ema", f"the EMA has left the initialisation (its weight {init:.2g} < {limit} after {updates} updates)"
     else:
-        want, why = "raw", f"the EMA is still {init:.1%} the initialisation after {updates} updates"
-    why += f"; auto takes the EMA below {AUTO_EMA_MAX_INIT_WEIGHT:.0%}" + (")" if want == "ema" else "")
+        want, why = "raw", f"the EMA is still {init:.1%} the initialisation after {updates} updates (auto: EMA below {limit})"
     if want not in sets:
         have = next(iter(sets))
         return have, f"{why}, but only the {have} weights are available"
