@@ -149,3 +149,8 @@ def test_converted_files_offer_the_set_the_converter_named(pretrain_models, tmp_
     assert load_pretrained(tmp_path / "raw.pt", "tiny").pretraining["weights"] == "raw"
     with pytest.raises(ValueError, match=r"--weights ema: .*raw\.pt' holds no ema weights \(it has: raw"):
         load_pretrained(tmp_path / "raw.pt", "tiny", weights="ema")
+
+
+def test_random_control_needs_a_preset():
+    with pytest.raises(ValueError, match=r"--pretrained_weights random needs --preset"):
+        load_pretrained("random", None)

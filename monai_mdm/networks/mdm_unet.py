@@ -792,7 +792,10 @@ def load_pretrained(
                 "pick: leave --weights at auto (its default) or point --pretrained_weights at a pretraining run."
             )
         if not preset:
-            raise ValueError("--pretrained_weights random needs --preset (the network to build), e.g. 'tiny'.")
+            raise ValueError(
+                "--pretrained_weights random needs --preset, the network to build (e.g. tiny, or the preset of the "
+                "pretrained weights it stands in for): --preset is null, which reads the settings from the file."
+            )
         with torch.random.fork_rng(devices=[]):  # seeded, and the rest of the run draws the same numbers
             torch.manual_seed(int(seed))
             network = MDMUNet.from_preset(preset, **overrides)
