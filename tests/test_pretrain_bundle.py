@@ -102,6 +102,19 @@ def test_resume_continues_from_latest_checkpoint(demo_data, tmp_path):
     assert final["iteration"] == 4 and final["ema"]["updates"] == 4
 
 
+def test_checkpoint_written_before_the_ema_state_was_saved_still_resumes(demo_data, tmp_path):
+    from monai_mdm.utils import atomic_torch_save
+
+    out = tmp_path / "run"
+    _train(demo_data["glas"], out, max_iterations=2, save_interval=2, grid_interval=0)
+    old = torch.load(out / "models" / "checkpoint_2.pt", weights_only=False)
+    del old["ema_state"], old["pretraining"]  # as such checkpoints were written (constant decay throughout)
+    atomic_torch_save(old, out / "models" / "checkpoint_2.pt")
+    _train(demo_data["glas"], out, max_iterations=4, save_interval=2, grid_interval=0)
+    state = torch.load(out / "models" / "checkpoint_4.pt", weights_only=False)["ema_state"]
+    assert state["updates"] == 4 and state["init_weight"] == pytest.approx(0.9999**2 * (3 / 12) * (4 / 13))
+
+
 def test_ema_leaves_the_initialisation_within_30_iterations(demo_data, tmp_path):
     """With the warm-up the EMA follows training from the start instead of staying ~the random init."""
     out = tmp_path / "run"

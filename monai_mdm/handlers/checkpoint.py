@@ -136,12 +136,16 @@ class TrainingCheckpoint:
                 f"cannot read checkpoint '{path}' ({e}); delete it to resume from the previous one "
                 "or start in an empty output folder."
             ) from e
-        missing = [k for k in self.save_dict if k not in checkpoint]
+        # objects added to save_dict after the checkpoint was written may know how to carry on without it
+        later = [k for k in self.save_dict if k not in checkpoint and hasattr(self.save_dict[k], "resume_without_state")]
+        missing = [k for k in self.save_dict if k not in checkpoint and k not in later]
         if missing:
             raise KeyError(f"checkpoint '{path}' lacks {missing}; it was written by another workflow.")
         # remember what the current run asks for; the checkpoint only supplies the progress so far
         max_epochs, epoch_length = engine.state.max_epochs, engine.state.epoch_length
         for name, obj in self.save_dict.items():
+            if name in later:
+                continue
             try:
                 obj.load_state_dict(checkpoint[name])
             except RuntimeError as e:
@@ -151,6 +155,9 @@ class TrainingCheckpoint:
                     "new output folder."
                 ) from e
         state = engine.state
+        for name in later:
+            self.save_dict[name].resume_without_state(engine)
+            logger.warning(f"checkpoint '{path}' has no '{name}' (written before it was saved); derived from the run.")
         state.max_epochs, state.epoch_length = max_epochs, epoch_length
         if epoch_length:
             # ignite counts the epoch in progress; resuming mid-epoch continues that epoch

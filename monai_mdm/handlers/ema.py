@@ -63,6 +63,11 @@ class EMA(EMAHandler):
         self.updates = int(state["updates"])
         self.init_weight = float(state["init_weight"])
 
+    def resume_without_state(self, engine: Engine) -> None:
+        """Resuming a checkpoint written before the EMA state was saved: those runs used ``decay`` throughout."""
+        self.updates = int(engine.state.iteration) // self.every
+        self.init_weight = self.decay**self.updates
+
     def describe(self, engine: Engine, module: torch.nn.Module | None = None) -> dict[str, Any]:
         """What a pretraining checkpoint or model file records: iteration, EMA state and, for ``module``,
         which weights it holds ("ema" for this handler's average, "raw" otherwise)."""
