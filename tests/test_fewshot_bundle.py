@@ -225,7 +225,7 @@ def test_bad_weights_settings_are_refused_with_the_fix(demo_data, pretrained, tm
     assert not (tmp_path / "out" / "models").exists()
 
 
-@pytest.mark.parametrize("bundle", ["mdm_glas_fewshot", "mdm_monuseg_fewshot", "mdm_face_parts_fewshot", "mdm_volume_fewshot"])
+@pytest.mark.parametrize("bundle", ["mdm_glas_fewshot", "mdm_monuseg_fewshot", "mdm_face_parts_fewshot", "mdm_volume_fewshot"])  # fmt: skip
 def test_logged_settings_name_the_weights_used(bundle):
     from monai.bundle import ConfigParser
 

@@ -124,7 +124,8 @@ def test_random_control_builds_the_preset_seeded_and_leaves_the_global_generator
 
 @pytest.mark.parametrize("choice", ["ema", "raw"])
 def test_random_control_refuses_an_explicit_weights_choice(choice):
-    with pytest.raises(ValueError, match=rf"--pretrained_weights random .* --weights {choice} .* leave --weights at auto"):
+    match = rf"--pretrained_weights random .* --weights {choice} .* leave --weights at auto"
+    with pytest.raises(ValueError, match=match):
         load_pretrained("random", "tiny", weights=choice)
 
 

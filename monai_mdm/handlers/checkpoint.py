@@ -137,8 +137,9 @@ class TrainingCheckpoint:
                 "or start in an empty output folder."
             ) from e
         # objects added to save_dict after the checkpoint was written may know how to carry on without it
-        later = [k for k in self.save_dict if k not in checkpoint and hasattr(self.save_dict[k], "resume_without_state")]
-        missing = [k for k in self.save_dict if k not in checkpoint and k not in later]
+        absent = [k for k in self.save_dict if k not in checkpoint]
+        later = [k for k in absent if hasattr(self.save_dict[k], "resume_without_state")]
+        missing = [k for k in absent if k not in later]
         if missing:
             raise KeyError(f"checkpoint '{path}' lacks {missing}; it was written by another workflow.")
         # remember what the current run asks for; the checkpoint only supplies the progress so far

@@ -736,7 +736,10 @@ def _weight_sets(path: Path, state: Any) -> tuple[dict[str, tuple[Path, Any]], M
     sets = {kind: (path, state)}
     sibling = path.parent / _SIBLING.get(path.name, "")
     if path.name in _SIBLING and sibling.is_file():
-        other = torch.load(sibling, map_location="cpu", weights_only=False)
+        try:  # memory-mapped: only its record is read unless its weights are chosen
+            other = torch.load(sibling, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError:  # not in torch's zip format
+            other = torch.load(sibling, map_location="cpu", weights_only=False)
         other_record = other.get("pretraining") if isinstance(other, Mapping) else None
         if isinstance(other_record, Mapping) and other_record.get("weights") not in (None, kind):
             sets[other_record["weights"]] = (sibling, other)
@@ -751,9 +754,9 @@ def _auto_choice(record: Mapping[str, Any] | None, sets: Mapping[str, Any]) -> t
     init, updates = float(ema["init_weight"]), int(ema.get("updates", 0))
     limit = f"{AUTO_EMA_MAX_INIT_WEIGHT:.0%}"
     if init < AUTO_EMA_MAX_INIT_WEIGHT:
-        want, why = "ema", f"the EMA has left the initialisation (its weight {init:.2g} < {limit} after {updates} updates)"
+        want, why = "ema", f"the EMA has left the initialisation (weight {init:.2g} < {limit} after {updates} updates)"
     else:
-        want, why = "raw", f"the EMA is still {init:.1%} the initialisation after {updates} updates (auto: EMA below {limit})"
+        want, why = "raw", f"the EMA is still {init:.1%} the initialisation after {updates} updates (EMA below {limit})"
     if want not in sets:
         have = next(iter(sets))
         return have, f"{why}, but only the {have} weights are available"
