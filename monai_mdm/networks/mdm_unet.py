@@ -814,8 +814,9 @@ def load_pretrained(
             reason = "asked for by --weights" if chosen != "given" else "asked for raw; the file holds one set"
         else:
             other = "raw" if weights == "ema" else "ema"
+            has = "one set that does not say whether it is an EMA" if "given" in sets else ", ".join(sorted(sets))
             raise ValueError(
-                f"--weights {weights}: '{path}' holds no {weights} weights (it has: {', '.join(sorted(sets))}; "
+                f"--weights {weights}: '{path}' holds no {weights} weights (it has: {has}; "
                 "the sets are named by the pretraining bundle, which writes model.pt and model_ema.pt side by "
                 f"side). Use --weights auto or {other}, or point --pretrained_weights at a file that has them "
                 "(that run's model.pt / model_ema.pt, or a checkpoint_<N>.pt)."
