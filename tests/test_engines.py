@@ -53,14 +53,32 @@ def test_reconstruction_loss_unknown_name():
 def test_ema_updates_once_per_optimiser_step():
     model = torch.nn.Linear(1, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
-    ema = EMA(model, decay=0.5, every=2)
+    ema = EMA(model, decay=0.5, every=2, warmup=False)
     engine = Engine(lambda e, b: model.weight.data.add_(1.0))
     ema.attach(engine)
     engine.run([0] * 4, max_epochs=1)
     # weights after iterations 2 and 4 are 2 and 4; EMA: 0.5 * 0 + 0.5 * 2 = 1, then 0.5 * 1 + 0.5 * 4 = 2.5
     assert float(ema.ema_model.weight) == pytest.approx(2.5)
+    assert ema.state_dict() == {"decay": 0.5, "warmup": False, "updates": 2, "init_weight": 0.25}
     with pytest.raises(ValueError, match="decay"):
         EMA(model, decay=1.0)
+
+
+def test_ema_warmup_uses_the_smaller_decay_and_resumes_from_its_count():
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = EMA(model, decay=0.2)
+    engine = Engine(lambda e, b: model.weight.data.add_(1.0))
+    ema.attach(engine)
+    engine.run([0] * 2, max_epochs=1)
+    # decays min(0.2, 1/10) = 0.1, then min(0.2, 2/11) = 2/11: EMA 0.9 * 1 = 0.9, then 2/11 * 0.9 + 9/11 * 2
+    assert float(ema.ema_model.weight) == pytest.approx(2 / 11 * 0.9 + 9 / 11 * 2)
+    assert ema.state_dict() == {"decay": 0.2, "warmup": True, "updates": 2, "init_weight": pytest.approx(0.1 * 2 / 11)}
+    assert ema.current_decay() == pytest.approx(0.2)  # 3/12 > 0.2: the long-run decay from here on
+    resumed = EMA(model, decay=0.2)
+    resumed.load_state_dict(ema.state_dict())
+    assert resumed.updates == 2 and resumed.current_decay() == pytest.approx(0.2)
+    assert EMA(model, decay=0.2).current_decay() == pytest.approx(0.1)  # a fresh one starts the warm-up
 
 
 def test_stop_at_iteration_ends_mid_epoch():

@@ -147,8 +147,9 @@ def test_pretraining_records_params_loss_grids_config_and_weights(client, pretra
     (config,) = _artifacts(client, run_id, "config")
     assert json.loads(Path(client.download_artifacts(run_id, config, str(tmp_path))).read_text())["image_size"] == 32
     weights = client.download_artifacts(run_id, "models/model_ema.pt", str(tmp_path))
-    saved = torch.load(pretrain_run / "models" / "model_ema.pt", weights_only=True)
-    assert all(torch.equal(v, saved[k]) for k, v in torch.load(weights, weights_only=True).items())
+    saved = torch.load(pretrain_run / "models" / "model_ema.pt", weights_only=True)["state_dict"]
+    downloaded = torch.load(weights, weights_only=True)["state_dict"]
+    assert saved.keys() == downloaded.keys() and all(torch.equal(v, saved[k]) for k, v in downloaded.items())
 
 
 def test_fewshot_training_records_settings_losses_and_a_model_that_predicts_masks(

@@ -76,7 +76,7 @@ def test_ddp_pretraining_resumes_on_every_rank_and_rank0_alone_writes(ddp_pretra
     ckpt = torch.load(models / "checkpoint_4.pt", weights_only=False)
     assert ckpt["trainer"]["iteration"] == 4
     assert {int(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {4}  # continued, not restarted
-    state = torch.load(models / "model.pt", weights_only=True)
+    state = torch.load(models / "model.pt", weights_only=True)["state_dict"]
     assert not any(k.startswith("module.") for k in state)  # the plain network is saved, not the DDP wrapper
     MDMUNet.from_preset("tiny").load_state_dict(state)
 

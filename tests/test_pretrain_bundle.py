@@ -19,6 +19,7 @@ from monai.bundle import run, verify_metadata
 from PIL import Image
 
 from conftest import BUNDLES, REPO, SCHEMA, error_chain
+from monai_mdm.networks import MDMUNet
 
 TRAIN = str(BUNDLES / "mdm_pretrain" / "configs" / "train.json")
 # the smallest settings that still exercise every handler
@@ -59,13 +60,21 @@ def test_train_writes_models_checkpoints_and_grids(demo_data, tmp_path):
     _train(demo_data["glas"], out, max_iterations=4)
     models = out / "models"
     assert sorted(p.name for p in models.glob("checkpoint_*.pt")) == ["checkpoint_2.pt", "checkpoint_4.pt"]
-    raw = torch.load(models / "model.pt", weights_only=True)
-    ema = torch.load(models / "model_ema.pt", weights_only=True)
+    raw_file = torch.load(models / "model.pt", weights_only=True)
+    ema_file = torch.load(models / "model_ema.pt", weights_only=True)
+    raw, ema = raw_file["state_dict"], ema_file["state_dict"]
     assert raw.keys() == ema.keys() and "output_blocks.0.0.in_layers.0.weight" in raw
-    # EMA with decay 0.9999 barely moves from the initial weights while the raw weights were trained
+    assert raw_file["network_config"] == MDMUNet.from_preset("tiny").to_guided_diffusion_config()
+    # both files say what they hold: iteration, EMA settings, updates and the initialisation's weight left
+    init_weight = (1 / 10) * (2 / 11) * (3 / 12) * (4 / 13)  # warm-up decays (1 + n) / (10 + n), n = 0..3
+    ema_record = {"decay": 0.9999, "warmup": True, "updates": 4, "init_weight": pytest.approx(init_weight)}
+    assert raw_file["pretraining"] == {"iteration": 4, "weights": "raw", "ema": ema_record}
+    assert ema_file["pretraining"] == {"iteration": 4, "weights": "ema", "ema": ema_record}
     ckpt = torch.load(models / "checkpoint_4.pt", weights_only=False)
     assert ckpt["trainer"]["iteration"] == 4
-    assert set(ckpt) >= {"network", "ema", "optimizer", "trainer"}
+    assert set(ckpt) >= {"network", "ema", "ema_state", "optimizer", "trainer", "pretraining"}
+    assert ckpt["pretraining"] == {"iteration": 4, "ema": ema_record}
+    assert all(torch.equal(ckpt["ema"][k], ema[k]) for k in ema)  # saved after the iteration's EMA update
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)
     grids = sorted((out / "grids").glob("recon_*.png"))
     assert [g.name for g in grids] == ["recon_0000002.png", "recon_0000004.png"]
@@ -85,6 +94,50 @@ def test_resume_continues_from_latest_checkpoint(demo_data, tmp_path):
     steps = {int(s["step"]) for s in second["optimizer"]["state"].values()}
     assert steps == {4}
     assert first["trainer"]["iteration"] == 2
+    # the EMA's warm-up continued too: 2 updates, then 2 more, not a restart at update 0
+    assert first["ema_state"]["updates"] == 2 and second["ema_state"]["updates"] == 4
+    init_weight = (1 / 10) * (2 / 11) * (3 / 12) * (4 / 13)
+    assert second["ema_state"]["init_weight"] == pytest.approx(init_weight)
+    final = torch.load(out / "models" / "model_ema.pt", weights_only=True)["pretraining"]
+    assert final["iteration"] == 4 and final["ema"]["updates"] == 4
+
+
+def test_checkpoint_written_before_the_ema_state_was_saved_still_resumes(demo_data, tmp_path):
+    from monai_mdm.utils import atomic_torch_save
+
+    out = tmp_path / "run"
+    _train(demo_data["glas"], out, max_iterations=2, save_interval=2, grid_interval=0)
+    old = torch.load(out / "models" / "checkpoint_2.pt", weights_only=False)
+    del old["ema_state"], old["pretraining"]  # as such checkpoints were written (constant decay throughout)
+    atomic_torch_save(old, out / "models" / "checkpoint_2.pt")
+    _train(demo_data["glas"], out, max_iterations=4, save_interval=2, grid_interval=0)
+    state = torch.load(out / "models" / "checkpoint_4.pt", weights_only=False)["ema_state"]
+    assert state["updates"] == 4 and state["init_weight"] == pytest.approx(0.9999**2 * (3 / 12) * (4 / 13))
+
+
+def test_ema_leaves_the_initialisation_within_30_iterations(demo_data, tmp_path):
+    """With the warm-up the EMA follows training from the start instead of staying ~the random init."""
+    out = tmp_path / "run"
+    out.mkdir()
+    keep_init = "$torch.save(@network.state_dict(), @output_dir + '/init.pt')"  # before any training step
+    _train(demo_data["glas"], out, max_iterations=30, save_interval=30, grid_interval=0,
+           run=[keep_init, "$@train#trainer.run()"])  # fmt: skip
+    init = torch.load(out / "init.pt", weights_only=True)
+    raw = torch.load(out / "models" / "model.pt", weights_only=True)["state_dict"]
+    ema = torch.load(out / "models" / "model_ema.pt", weights_only=True)["state_dict"]
+
+    def distance(weights):
+        return float(torch.sqrt(sum(((weights[k] - init[k]).double() ** 2).sum() for k in init)))
+
+    fraction = distance(ema) / distance(raw)
+    print(f"after 30 iterations ||ema - init|| / ||raw - init|| = {fraction:.3f}")
+    assert distance(raw) > 0 and fraction >= 0.5
+
+
+def test_ema_without_warmup_is_recorded_as_such(demo_data, tmp_path):
+    _train(demo_data["glas"], tmp_path, max_iterations=2, save_interval=2, grid_interval=0, ema_warmup=False)
+    record = torch.load(tmp_path / "models" / "model_ema.pt", weights_only=True)["pretraining"]
+    assert record["ema"] == {"decay": 0.9999, "warmup": False, "updates": 2, "init_weight": pytest.approx(0.9999**2)}
 
 
 def test_killed_run_resumes_where_it_stopped(demo_data, tmp_path):

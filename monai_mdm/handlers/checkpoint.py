@@ -48,6 +48,11 @@ class TrainingCheckpoint:
         n_saved: how many periodic checkpoints to keep (oldest removed after a newer one is safely written).
         resume: load the latest checkpoint in ``save_dir`` when training starts.
         final_models: name in ``save_dict`` -> file name written when training completes.
+        describe: optional object whose ``describe(engine, module=None)`` returns what the run has done so far
+            (e.g. the :class:`~monai_mdm.handlers.EMA` handler: iteration and EMA state). Each checkpoint then
+            holds it under ``"pretraining"``, and each final model is written self-describing as
+            ``{"state_dict", "network_config", "pretraining"}`` (``network_config`` for networks that have
+            ``to_guided_diffusion_config``), which ``load_pretrained_unet`` and ``load_pretrained`` read.
 
     In multi-process (DDP) training every rank resumes from the same checkpoint (checked: a rank that finds
     another one stops the run) but only rank 0 writes.
@@ -61,6 +66,7 @@ class TrainingCheckpoint:
         n_saved: int = 2,
         resume: bool = True,
         final_models: Mapping[str, str] | None = None,
+        describe: Any = None,
     ) -> None:
         self.save_dir = Path(save_dir)
         self.save_dict = dict(save_dict)
@@ -68,6 +74,7 @@ class TrainingCheckpoint:
         self.n_saved = max(1, int(n_saved))
         self.resume = resume
         self.final_models = dict(final_models) if final_models is not None else {}
+        self.describe = describe
         for name in self.final_models:
             if name not in self.save_dict:
                 raise KeyError(f"final_models names '{name}', which is not in save_dict ({sorted(self.save_dict)}).")
@@ -87,7 +94,10 @@ class TrainingCheckpoint:
         if not is_rank0():
             return None
         path = self.save_dir / f"checkpoint_{engine.state.iteration}.pt"
-        atomic_torch_save({k: _state_dict(v) for k, v in self.save_dict.items()}, path)
+        state = {k: _state_dict(v) for k, v in self.save_dict.items()}
+        if self.describe is not None:
+            state["pretraining"] = self.describe.describe(engine)
+        atomic_torch_save(state, path)
         old = sorted(
             (int(m.group(1)), p) for p in self.save_dir.iterdir() if (m := _CKPT_PATTERN.match(p.name))
         )
@@ -101,7 +111,13 @@ class TrainingCheckpoint:
         if self.save_interval > 0 and engine.state.iteration % self.save_interval != 0:
             self.save(engine)
         for name, filename in self.final_models.items():
-            atomic_torch_save(_state_dict(self.save_dict[name]), self.save_dir / filename)
+            obj = self.save_dict[name]
+            state = _state_dict(obj)
+            if self.describe is not None:
+                state = {"state_dict": state, "pretraining": self.describe.describe(engine, obj)}
+                if hasattr(obj, "to_guided_diffusion_config"):
+                    state["network_config"] = obj.to_guided_diffusion_config()
+            atomic_torch_save(state, self.save_dir / filename)
 
     def load_latest(self, engine: Engine) -> None:
         path = find_latest_checkpoint(self.save_dir)
@@ -120,12 +136,17 @@ class TrainingCheckpoint:
                 f"cannot read checkpoint '{path}' ({e}); delete it to resume from the previous one "
                 "or start in an empty output folder."
             ) from e
-        missing = [k for k in self.save_dict if k not in checkpoint]
+        # objects added to save_dict after the checkpoint was written may know how to carry on without it
+        absent = [k for k in self.save_dict if k not in checkpoint]
+        later = [k for k in absent if hasattr(self.save_dict[k], "resume_without_state")]
+        missing = [k for k in absent if k not in later]
         if missing:
             raise KeyError(f"checkpoint '{path}' lacks {missing}; it was written by another workflow.")
         # remember what the current run asks for; the checkpoint only supplies the progress so far
         max_epochs, epoch_length = engine.state.max_epochs, engine.state.epoch_length
         for name, obj in self.save_dict.items():
+            if name in later:
+                continue
             try:
                 obj.load_state_dict(checkpoint[name])
             except RuntimeError as e:
@@ -135,6 +156,9 @@ class TrainingCheckpoint:
                     "new output folder."
                 ) from e
         state = engine.state
+        for name in later:
+            self.save_dict[name].resume_without_state(engine)
+            logger.warning(f"checkpoint '{path}' has no '{name}' (written before it was saved); derived from the run.")
         state.max_epochs, state.epoch_length = max_epochs, epoch_length
         if epoch_length:
             # ignite counts the epoch in progress; resuming mid-epoch continues that epoch

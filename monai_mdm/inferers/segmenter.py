@@ -107,6 +107,8 @@ class MDMSegmenter(nn.Module):
         class_names: optional names, one per class, stored with the model.
         pad_to_multiple: zero-pad inputs whose size is not a multiple of ``extractor.size_multiple`` and crop
             the scores back (sliding windows of a suitable size never need it).
+        pretraining: which pretrained weights the UNet holds (file, EMA or raw, why), saved with the model;
+            by default the ``pretraining`` dict that :func:`monai_mdm.networks.load_pretrained` puts on the UNet.
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class MDMSegmenter(nn.Module):
         head: PixelHeadEnsemble | PixelMLPHead,
         class_names: Sequence[str] | None = None,
         pad_to_multiple: bool = True,
+        pretraining: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(head, PixelMLPHead):
@@ -128,6 +131,9 @@ class MDMSegmenter(nn.Module):
         self.head = head
         self.class_names = class_names
         self.pad_to_multiple = pad_to_multiple
+        if pretraining is None:
+            pretraining = getattr(extractor.network, "pretraining", None)
+        self.pretraining = dict(pretraining) if pretraining is not None else None
 
     @property
     def num_classes(self) -> int:
@@ -182,6 +188,7 @@ class MDMSegmenter(nn.Module):
             "head": self.head.config(),
             "head_state": {k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")},
             "class_names": self.class_names,
+            "pretraining": self.pretraining,
         }
 
     def save(self, path: str | os.PathLike, include_network: bool = True) -> None:
@@ -238,7 +245,7 @@ class MDMSegmenter(nn.Module):
         )
         _check_widths(extractor, head, source)
         head.load_state_dict(state["head_state"])
-        model = cls(extractor, head, state.get("class_names"))
+        model = cls(extractor, head, state.get("class_names"), pretraining=state.get("pretraining"))
         return model.eval()
 
     @classmethod

@@ -7,6 +7,7 @@ blocks keep the indices that feature-extraction recipes refer to (e.g. blocks 8.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -19,7 +20,9 @@ import torch.nn.functional as F
 from monai.networks.layers.factories import Conv, Pool
 from torch import nn
 
-__all__ = ["MDMUNet", "timestep_embedding", "guided_diffusion_config_to_kwargs"]
+__all__ = ["MDMUNet", "timestep_embedding", "guided_diffusion_config_to_kwargs", "load_pretrained"]
+
+logger = logging.getLogger(__name__)
 
 # guided-diffusion's default channel multipliers per image size, used when a config leaves them empty.
 _DEFAULT_CHANNEL_MULT = {
@@ -663,13 +666,22 @@ def load_pretrained_unet(path: str | os.PathLike, preset: str | None = "tiny", *
     top), else a ``config`` stored next to wrapped weights. This is what few-shot bundles call; a missing file
     or weights of another architecture get an error that names the file and says what to run or set instead.
     """
+    path = _existing_weights(path)
+    return _unet_from_loaded(torch.load(path, map_location="cpu", weights_only=False), path, preset, overrides)
+
+
+def _existing_weights(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"pretrained weights '{path}' not found: run bundles/mdm_pretrain first (it writes "
             "<output_dir>/models/model_ema.pt) or set --pretrained_weights to a guided-diffusion checkpoint."
         )
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    return path
+
+
+def _unet_from_loaded(state: Any, path: Path, preset: str | None, overrides: Mapping[str, Any]) -> MDMUNet:
+    """``load_pretrained_unet`` after reading the file: build the network and load ``state`` into it."""
     stored = state.get("network_config") if isinstance(state, Mapping) else None
     if preset:
         config = MDMUNet.from_preset(preset, **overrides).to_guided_diffusion_config()
@@ -694,3 +706,131 @@ def load_pretrained_unet(path: str | os.PathLike, preset: str | None = "tiny", *
                 "convert the checkpoint with `python -m monai_mdm.convert` first."
             ) from e
         raise ValueError(f"pretrained weights '{path}' do not fit {what}: {e}") from e
+
+
+WEIGHT_CHOICES = ("auto", "ema", "raw")
+# ``weights="auto"`` takes the EMA weights once the initialisation's weight in the average is below this
+AUTO_EMA_MAX_INIT_WEIGHT = 0.01
+_SIBLING = {"model.pt": "model_ema.pt", "model_ema.pt": "model.pt"}
+
+
+def _weight_sets(path: Path, state: Any) -> tuple[dict[str, tuple[Path, Any]], Mapping[str, Any] | None]:
+    """The weight sets ``path`` offers ({"ema"/"raw"/"given": (file, loaded state)}) and its pretraining record.
+
+    A pretraining checkpoint holds both sets; a self-describing ``model.pt`` / ``model_ema.pt`` holds one and
+    names it, and the other is the file beside it (read only if present and recorded as the other set); a file
+    from ``python -m monai_mdm.convert`` holds the one set it names; anything else (a guided-diffusion state
+    dict, a model file written before records existed) is one set of unknown kind.
+    """
+    if not isinstance(state, Mapping):
+        return {"given": (path, state)}, None
+    record = state.get("pretraining") if isinstance(state.get("pretraining"), Mapping) else None
+    if isinstance(state.get("network"), Mapping) and isinstance(state.get("ema"), Mapping):
+        return {"raw": (path, state["network"]), "ema": (path, state["ema"])}, record
+    if record is None:
+        converted = state.get("weights") in ("ema", "raw") and isinstance(state.get("state_dict"), Mapping)
+        return {state["weights"] if converted else "given": (path, state)}, None
+    kind = record.get("weights")
+    if kind not in ("ema", "raw"):
+        return {"given": (path, state)}, record
+    sets = {kind: (path, state)}
+    sibling = path.parent / _SIBLING.get(path.name, "")
+    if path.name in _SIBLING and sibling.is_file():
+        try:  # memory-mapped: only its record is read unless its weights are chosen
+            other = torch.load(sibling, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError:  # not in torch's zip format
+            other = torch.load(sibling, map_location="cpu", weights_only=False)
+        other_record = other.get("pretraining") if isinstance(other, Mapping) else None
+        if isinstance(other_record, Mapping) and other_record.get("weights") not in (None, kind):
+            sets[other_record["weights"]] = (sibling, other)
+    return sets, record
+
+
+def _auto_choice(record: Mapping[str, Any] | None, sets: Mapping[str, Any]) -> tuple[str, str]:
+    ema = record.get("ema") if record is not None else None
+    if not isinstance(ema, Mapping) or "init_weight" not in ema:
+        key = "ema" if "ema" in sets else next(iter(sets))
+        return key, "the file records no EMA state, so its weights are used as before"
+    init, updates = float(ema["init_weight"]), int(ema.get("updates", 0))
+    limit = f"{AUTO_EMA_MAX_INIT_WEIGHT:.0%}"
+    if init < AUTO_EMA_MAX_INIT_WEIGHT:
+        want, why = "ema", f"the EMA has left the initialisation (weight {init:.2g} < {limit} after {updates} updates)"
+    else:
+        want, why = "raw", f"the EMA is still {init:.1%} the initialisation after {updates} updates (EMA below {limit})"
+    if want not in sets:
+        have = next(iter(sets))
+        return have, f"{why}, but only the {have} weights are available"
+    return want, why
+
+
+def load_pretrained(
+    pretrained_weights: str | os.PathLike,
+    preset: str | None = "tiny",
+    weights: str = "auto",
+    seed: int = 0,
+    **overrides: Any,
+) -> MDMUNet:
+    """The few-shot bundles' UNet: ``load_pretrained_unet`` plus the choice between EMA and raw weights.
+
+    ``pretrained_weights`` is a pretraining run's ``model.pt`` or ``model_ema.pt`` (the other set is taken
+    from the file beside it when needed), a ``checkpoint_<N>.pt`` (holds both), a converted or guided-diffusion
+    file (one set, used as given), or ``"random"``: the ``preset`` network with random weights seeded by
+    ``seed``, the control that shows what pretraining adds.
+
+    ``weights``: ``"ema"`` or ``"raw"`` picks that set; ``"auto"`` takes the EMA only when its initialisation
+    still weighs less than ``AUTO_EMA_MAX_INIT_WEIGHT`` (1 %) in the average, as recorded by pretraining;
+    otherwise the raw weights (files without a record are used as before). The choice is logged once and kept
+    as the returned network's ``pretraining`` dict, which ``MDMSegmenter`` saves with the model.
+
+    Raises:
+        ValueError: an unknown ``weights``; ``"random"`` with an explicit ``weights``; ``weights="ema"`` or
+            ``"raw"`` for a file that lacks that set.
+    """
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f"--weights must be one of {', '.join(WEIGHT_CHOICES)}, got {weights!r}.")
+    if str(pretrained_weights) == "random":
+        if weights != "auto":
+            raise ValueError(
+                f"--pretrained_weights random builds an untrained network, so --weights {weights} has nothing to "
+                "pick: leave --weights at auto (its default) or point --pretrained_weights at a pretraining run."
+            )
+        if not preset:
+            raise ValueError(
+                "--pretrained_weights random needs --preset, the network to build (e.g. tiny, or the preset of the "
+                "pretrained weights it stands in for): --preset is null, which reads the settings from the file."
+            )
+        with torch.random.fork_rng(devices=[]):  # seeded, and the rest of the run draws the same numbers
+            torch.manual_seed(int(seed))
+            network = MDMUNet.from_preset(preset, **overrides)
+        reason = f"random initialisation (seed {int(seed)}): the control without pretraining"
+        info: dict[str, Any] = {"source": "random", "weights": "random", "requested": weights, "reason": reason}
+    else:
+        path = _existing_weights(pretrained_weights)
+        sets, record = _weight_sets(path, torch.load(path, map_location="cpu", weights_only=False))
+        if weights == "auto":
+            chosen, reason = _auto_choice(record, sets)
+        elif weights in sets or ("given" in sets and weights == "raw"):
+            chosen = weights if weights in sets else "given"
+            reason = "asked for by --weights" if chosen != "given" else "asked for raw; the file holds one set"
+        else:
+            other = "raw" if weights == "ema" else "ema"
+            has = "one set that does not say whether it is an EMA" if "given" in sets else ", ".join(sorted(sets))
+            raise ValueError(
+                f"--weights {weights}: '{path}' holds no {weights} weights (it has: {has}; "
+                "the sets are named by the pretraining bundle, which writes model.pt and model_ema.pt side by "
+                f"side). Use --weights auto or {other}, or point --pretrained_weights at a file that has them "
+                "(that run's model.pt / model_ema.pt, or a checkpoint_<N>.pt)."
+            )
+        source, state = sets[chosen]
+        network = _unet_from_loaded(state, source, preset, overrides)
+        chosen = "as given" if chosen == "given" else chosen
+        info = {"source": str(source), "weights": chosen, "requested": weights, "reason": reason}
+        if record is not None:
+            info["iteration"] = record.get("iteration")
+            ema = record.get("ema")
+            if isinstance(ema, Mapping):
+                info["ema_init_weight"] = ema.get("init_weight")
+                info["ema_updates"] = ema.get("updates")
+    logger.info(f"pretrained UNet: '{info['source']}', {info['weights']} weights (--weights {weights}): {reason}.")
+    network.pretraining = info
+    return network
