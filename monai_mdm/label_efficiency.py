@@ -120,9 +120,7 @@ def _run_bundle(**kwargs: Any) -> None:
 
 
 def pretrain(data: Path, out: Path, iterations: int, size: int, seed: int) -> Path:
-    model = out / "models" / "model_ema.pt"
-    if model.is_file():
-        return model
+    """Pretrain the tiny MDM on every image under ``data``; an earlier run in ``out`` is resumed, not repeated."""
     _run_bundle(
         config_file=str(BUNDLES / "mdm_pretrain" / "configs" / "train.json"),
         dataset_dir=str(data),
@@ -135,7 +133,7 @@ def pretrain(data: Path, out: Path, iterations: int, size: int, seed: int) -> Pa
         num_workers=0,
         seed=seed,
     )
-    return model
+    return out / "models" / "model_ema.pt"
 
 
 def _mean(values: Sequence[float]) -> float:

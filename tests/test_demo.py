@@ -4,22 +4,32 @@ from __future__ import annotations
 
 import json
 
+from PIL import Image
+
 from monai_mdm.demo import main
 
+TINY = ["--set", "crop_size=32", "--set", "crops_per_image=2", "--set", "max_epochs=1", "--set", "warmup_epochs=0"]
 
-def test_demo_pipeline_prints_mdm_and_unet_scores(tmp_path, capsys):
+
+def test_demo_pipeline_prints_unet_frozen_and_finetuned_scores(tmp_path, capsys):
     summary = main(
         [
             "--out", str(tmp_path / "runs"), "--data", str(tmp_path / "data"),
-            "--pretrain-iterations", "2", "--pretrain-size", "32", "--n-train", "10", "--head-epochs", "1",
+            "--pretrain-iterations", "2", "--pretrain-size", "32", "--n-train", "10", *TINY,
         ]
     )  # fmt: skip
     printed = capsys.readouterr().out
-    assert "MDM frozen features + pixel head" in printed and "supervised BasicUNet from scratch" in printed
+    for label in ("BasicUNet from scratch", "MDM frozen features + head", "MDM fine-tuned end to end"):
+        assert label in printed
+    assert "mean +- std over test images" in printed
     assert summary["budget"]["count"] == 1  # 10% of 10 training images
-    for rows in summary["results"].values():
+    assert set(summary["results"]) == {"unet", "mdm_frozen", "mdm_finetune"}
+    for by_seed in summary["results"].values():
+        rows = by_seed[0]
         assert len(rows) == 6 and all(0.0 <= r["paper_dice"] <= 1.0 for r in rows)
     saved = json.loads((tmp_path / "runs" / "comparison.json").read_text())
     assert saved["budget"] == summary["budget"]
     assert (tmp_path / "runs" / "comparison.txt").read_text().startswith("GlaS (synthetic) test set")
     assert (tmp_path / "data" / "GlaS" / "Grade.csv").is_file()
+    with Image.open(tmp_path / "runs" / "label_efficiency.png") as png:
+        assert png.format == "PNG"
