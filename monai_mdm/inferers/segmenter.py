@@ -1,4 +1,4 @@
-"""MDM few-shot segmenter: frozen feature extractor + pixel head as one ``nn.Module``, savable in one file.
+"""MDM few-shot segmenter: feature extractor + pixel head as one ``nn.Module``, savable in one file.
 
 The module maps images to class scores, so MONAI's ``SlidingWindowInferer`` (256 px windows, overlap 0.2,
 Gaussian blending, as in the paper) can run it over whole slides. Use windows of the size the head was trained
@@ -101,12 +101,14 @@ class MDMSegmenter(nn.Module):
     """Images (B, C, *spatial) in [-1, 1] -> class scores (B, classes, *spatial), blendable by a sliding window.
 
     Args:
-        extractor: the frozen :class:`MDMFeatureExtractor`.
+        extractor: the :class:`MDMFeatureExtractor` (frozen, or trainable while it is fine-tuned end to end).
         head: a :class:`PixelHeadEnsemble`, or a single :class:`PixelMLPHead` (wrapped in a one-head ensemble,
             so the scores are softmax probabilities).
         class_names: optional names, one per class, stored with the model.
         pad_to_multiple: zero-pad inputs whose size is not a multiple of ``extractor.size_multiple`` and crop
             the scores back (sliding windows of a suitable size never need it).
+        finetuned: the network's weights were trained with the head (recorded as ``features["finetuned"]`` in
+            the saved file; a trainable extractor counts as fine-tuned).
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class MDMSegmenter(nn.Module):
         head: PixelHeadEnsemble | PixelMLPHead,
         class_names: Sequence[str] | None = None,
         pad_to_multiple: bool = True,
+        finetuned: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(head, PixelMLPHead):
@@ -128,6 +131,7 @@ class MDMSegmenter(nn.Module):
         self.head = head
         self.class_names = class_names
         self.pad_to_multiple = pad_to_multiple
+        self.finetuned = bool(finetuned)
 
     @property
     def num_classes(self) -> int:
@@ -178,6 +182,7 @@ class MDMSegmenter(nn.Module):
                 "normalize": ex.normalize,
                 "corruption": _corruption_to_dict(ex.corruption),
                 "out_channels": ex.out_channels,
+                "finetuned": self.finetuned or ex.trainable,
             },
             "head": self.head.config(),
             "head_state": {k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")},
@@ -197,7 +202,7 @@ class MDMSegmenter(nn.Module):
         source: str = "segmenter state",
         **feature_overrides: Any,
     ) -> MDMSegmenter:
-        """Rebuild from :meth:`to_state`'s dict, in eval mode.
+        """Rebuild from :meth:`to_state`'s dict, in eval mode, with a frozen extractor.
 
         Args:
             state: the dict.
@@ -238,7 +243,7 @@ class MDMSegmenter(nn.Module):
         )
         _check_widths(extractor, head, source)
         head.load_state_dict(state["head_state"])
-        model = cls(extractor, head, state.get("class_names"))
+        model = cls(extractor, head, state.get("class_names"), finetuned=feats.get("finetuned", False))
         return model.eval()
 
     @classmethod
