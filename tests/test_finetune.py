@@ -28,10 +28,20 @@ def _configs(bundle: str) -> list[str]:
     return [str(configs / "train.json"), str(configs / "finetune.json")]
 
 
-def _ran(key: str) -> bool:
-    """Whether a network weight computes decoder blocks 0..5 (everything but later blocks and `out`)."""
-    parts = key.split(".")
-    return parts[0] != "out" and not (parts[0] == "output_blocks" and int(parts[1]) > max(BLOCKS))
+def _check_tuned(model_path: Path, pretrained: Path, deepest: int) -> dict:
+    """The saved network differs from the pretrained one in every part that computes decoder blocks 0..deepest
+    and equals it in the later blocks and `out`, which never ran; returns the saved state."""
+    state = torch.load(model_path, weights_only=True)
+    before = torch.load(pretrained, weights_only=True)
+    prefix = "extractor.network."
+    after = {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    assert after.keys() == before.keys()
+    late = tuple(f"output_blocks.{i}." for i in range(deepest + 1, 99))
+    assert all(torch.equal(after[k], before[k]) for k in before if k.startswith(("out.", *late)))
+    for part in ("time_embed.", "input_blocks.", "middle_block.", *(f"output_blocks.{i}." for i in range(deepest + 1))):
+        assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith(part)), part
+    assert state["features"]["finetuned"] is True
+    return state
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +61,7 @@ def finetuned(demo_data, pretrained, tmp_path_factory) -> Path:
 
 
 def test_finetuning_changes_the_blocks_that_ran_only(finetuned, pretrained):
-    state = torch.load(finetuned / "models" / "model.pt", weights_only=True)
-    before = torch.load(pretrained, weights_only=True)
-    prefix = "extractor.network."
-    after = {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}
-    assert after.keys() == before.keys()
-    assert all(torch.equal(after[k], before[k]) for k in before if not _ran(k))
-    for part in ("time_embed.", "input_blocks.", "middle_block.", *(f"output_blocks.{i}." for i in range(6))):
-        assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith(part)), part
+    state = _check_tuned(finetuned / "models" / "model.pt", pretrained, max(BLOCKS))
     # the frozen head's file format, marked as fine-tuned
     model = load_segmentation_model(finetuned / "models" / "model.pt")
     assert state["format"] == "monai_mdm.segmenter" and set(state["model"]) == set(model.state_dict())
@@ -129,3 +132,25 @@ def test_weights_of_another_width_are_refused_before_training(demo_data, tmp_pat
     assert "wide.pt" in text and "preset 'tiny'" in text and "model_channels" in text
     assert "--pretrained_weights" in text and "--preset" in text
     assert not (tmp_path / "out" / "models").exists()
+
+
+def test_face_parts_and_volume_overlays_train_end_to_end(demo_data, tmp_path):
+    from conftest import write_face_parts
+    from monai_mdm.data.volumes import write_volumes
+
+    faces = tmp_path / "faces"
+    write_face_parts(faces / "train", n=2, seed=0)
+    volumes = write_volumes(tmp_path / "volumes", n_train=2, n_test=1, size=(16, 16, 12), seed=0)
+    for bundle, preset, data, settings in (
+        ("mdm_face_parts_fewshot", "tiny", faces, dict(num_heads=2, crop_size=WINDOW)),
+        # batch 1 = two steps: the zero-initialised convs of an untrained UNet pass no gradient on the first
+        ("mdm_volume_fewshot", "tiny3d", volumes, dict(label_budget=1, crop_size=16, batch_size=1)),
+    ):
+        weights = tmp_path / f"{preset}.pt"
+        torch.manual_seed(0)
+        torch.save(MDMUNet.from_preset(preset).state_dict(), weights)
+        out = tmp_path / bundle
+        run(config_file=_configs(bundle), dataset_dir=str(data), output_dir=str(out), pretrained_weights=str(weights),
+            preset=preset, crops_per_image=2, max_epochs=1, warmup_epochs=0, blocks=[2, 3], **settings)  # fmt: skip
+        _check_tuned(out / "models" / "model.pt", weights, 3)
+        assert load_segmentation_model(out / "models" / "model.pt").finetuned
