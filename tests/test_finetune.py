@@ -65,7 +65,7 @@ def test_finetuning_changes_the_blocks_that_ran_only(finetuned, pretrained):
     # the frozen head's file format, marked as fine-tuned
     model = load_segmentation_model(finetuned / "models" / "model.pt")
     assert state["format"] == "monai_mdm.segmenter" and set(state["model"]) == set(model.state_dict())
-    assert state["features"]["finetuned"] is True and state["features"]["blocks"] == BLOCKS
+    assert state["features"]["blocks"] == BLOCKS and state["features"]["timestep"] == 0  # clean input
     assert model.finetuned and not model.extractor.trainable
 
 
@@ -126,8 +126,8 @@ def test_weights_of_another_width_are_refused_before_training(demo_data, tmp_pat
     wide = tmp_path / "wide.pt"
     torch.save(MDMUNet.from_preset("tiny", model_channels=64).state_dict(), wide)
     with pytest.raises(Exception) as info:
-        run(config_file=_configs("mdm_glas_fewshot"), dataset_dir=str(demo_data["glas"]),
-            output_dir=str(tmp_path / "out"), pretrained_weights=str(wide), preset="tiny", label_budget=1, **TINY)  # fmt: skip
+        run(config_file=_configs("mdm_glas_fewshot"), dataset_dir=str(demo_data["glas"]), preset="tiny",
+            output_dir=str(tmp_path / "out"), pretrained_weights=str(wide), label_budget=1, **TINY)  # fmt: skip
     text = error_chain(info.value)
     assert "wide.pt" in text and "preset 'tiny'" in text and "model_channels" in text
     assert "--pretrained_weights" in text and "--preset" in text
