@@ -140,3 +140,22 @@ def test_frozen_and_eval(net):
     assert not net.training
     f = ex(_images(1))
     assert not f.requires_grad
+
+
+def test_trainable_extractor_passes_gradients_to_the_blocks_that_run():
+    torch.manual_seed(0)
+    net = MDMUNet.from_preset("tiny")
+    ex = MDMFeatureExtractor(net, blocks=(3, 5), trainable=True)
+    ex.train()
+    assert not net.training  # trainable, yet the backbone runs as at inference
+    params = ex.trainable_parameters()
+    beyond = [*net.output_blocks[6:].parameters(), *net.out.parameters()]
+    assert {id(p) for p in params}.isdisjoint(id(p) for p in beyond)
+    assert len(params) + len(beyond) == len(list(net.parameters()))
+    ex(_images(1)).square().sum().backward()
+    assert all(p.grad is None for p in beyond)
+    assert all(p.grad is not None for p in params)
+    assert any(p.grad.abs().sum() > 0 for p in net.output_blocks[5].parameters())
+    with torch.no_grad():  # caches and inference: no graph even when trainable
+        assert not ex(_images(1)).requires_grad
+    assert not MDMFeatureExtractor(net, blocks=(3, 5))(_images(1)).requires_grad  # frozen again by default

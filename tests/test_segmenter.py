@@ -67,6 +67,20 @@ def test_save_load_round_trip(segmenter, tmp_path):
         assert torch.equal(segmenter(x), loaded(x))
 
 
+def test_finetuned_flag_is_recorded_and_optional(segmenter, tmp_path):
+    state = segmenter.to_state()
+    assert state["features"]["finetuned"] is False
+    torch.manual_seed(0)
+    ex = MDMFeatureExtractor(MDMUNet.from_preset("tiny"), blocks=BLOCKS, trainable=True)
+    tuned = MDMSegmenter(ex, PixelMLPHead(ex.out_channels, 2))
+    tuned.save(tmp_path / "tuned.pt")
+    loaded = MDMSegmenter.load(tmp_path / "tuned.pt")
+    assert loaded.finetuned and not loaded.extractor.trainable  # served frozen, still marked fine-tuned
+    assert loaded.to_state()["features"]["finetuned"] is True
+    del state["features"]["finetuned"]  # files written before the flag existed
+    assert not MDMSegmenter.from_state(state).finetuned
+
+
 def test_mismatched_head_names_file(segmenter, tmp_path):
     path = tmp_path / "bad.pt"
     state = segmenter.to_state()

@@ -120,7 +120,8 @@ class OnlineFeaturePrepareBatch(PrepareBatch):
     """Batch of image crops -> (features computed now, labels), as the reference does on every iteration.
 
     Slower than the cache (one frozen UNet forward per batch) but sees a new crop and a new mask every step.
-    The extractor is moved to the trainer's device on each call (a no-op once it is there).
+    The extractor is moved to the trainer's device on each call (a no-op once it is there). With a trainable
+    extractor the features keep their graph, so the trainer's loss also trains the UNet (``configs/finetune.json``).
 
     Args:
         extractor: the frozen feature extractor.

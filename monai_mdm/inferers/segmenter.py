@@ -1,4 +1,4 @@
-"""MDM few-shot segmenter: frozen feature extractor + pixel head as one ``nn.Module``, savable in one file.
+"""MDM few-shot segmenter: feature extractor + pixel head as one ``nn.Module``, savable in one file.
 
 The module maps images to class scores, so MONAI's ``SlidingWindowInferer`` (256 px windows, overlap 0.2,
 Gaussian blending, as in the paper) can run it over whole slides. Use windows of the size the head was trained
@@ -101,7 +101,7 @@ class MDMSegmenter(nn.Module):
     """Images (B, C, *spatial) in [-1, 1] -> class scores (B, classes, *spatial), blendable by a sliding window.
 
     Args:
-        extractor: the frozen :class:`MDMFeatureExtractor`.
+        extractor: the :class:`MDMFeatureExtractor` (frozen, or trainable while it is fine-tuned end to end).
         head: a :class:`PixelHeadEnsemble`, or a single :class:`PixelMLPHead` (wrapped in a one-head ensemble,
             so the scores are softmax probabilities).
         class_names: optional names, one per class, stored with the model.
@@ -109,6 +109,8 @@ class MDMSegmenter(nn.Module):
             the scores back (sliding windows of a suitable size never need it).
         pretraining: which pretrained weights the UNet holds (file, EMA or raw, why), saved with the model;
             by default the ``pretraining`` dict that :func:`monai_mdm.networks.load_pretrained` puts on the UNet.
+        finetuned: the network's weights were trained with the head (recorded as ``features["finetuned"]`` in
+            the saved file; a trainable extractor counts as fine-tuned).
     """
 
     def __init__(
@@ -118,6 +120,7 @@ class MDMSegmenter(nn.Module):
         class_names: Sequence[str] | None = None,
         pad_to_multiple: bool = True,
         pretraining: Mapping[str, Any] | None = None,
+        finetuned: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(head, PixelMLPHead):
@@ -134,6 +137,7 @@ class MDMSegmenter(nn.Module):
         if pretraining is None:
             pretraining = getattr(extractor.network, "pretraining", None)
         self.pretraining = dict(pretraining) if pretraining is not None else None
+        self.finetuned = bool(finetuned)
 
     @property
     def num_classes(self) -> int:
@@ -184,6 +188,7 @@ class MDMSegmenter(nn.Module):
                 "normalize": ex.normalize,
                 "corruption": _corruption_to_dict(ex.corruption),
                 "out_channels": ex.out_channels,
+                "finetuned": self.finetuned or ex.trainable,
             },
             "head": self.head.config(),
             "head_state": {k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")},
@@ -204,7 +209,7 @@ class MDMSegmenter(nn.Module):
         source: str = "segmenter state",
         **feature_overrides: Any,
     ) -> MDMSegmenter:
-        """Rebuild from :meth:`to_state`'s dict, in eval mode.
+        """Rebuild from :meth:`to_state`'s dict, in eval mode, with a frozen extractor.
 
         Args:
             state: the dict.
@@ -245,7 +250,10 @@ class MDMSegmenter(nn.Module):
         )
         _check_widths(extractor, head, source)
         head.load_state_dict(state["head_state"])
-        model = cls(extractor, head, state.get("class_names"), pretraining=state.get("pretraining"))
+        model = cls(
+            extractor, head, state.get("class_names"), pretraining=state.get("pretraining"),
+            finetuned=feats.get("finetuned", False),
+        )
         return model.eval()
 
     @classmethod

@@ -1,4 +1,4 @@
-"""Frozen MDM decoder features for few-shot segmentation (the paper's Step 2).
+"""MDM decoder features for few-shot segmentation (the paper's Step 2), frozen or trainable end to end.
 
 The image is corrupted at one fixed timestep, the frozen UNet runs once up to the deepest needed decoder block
 (:meth:`MDMUNet.decoder_features`), and the outputs of a few decoder blocks are upsampled to the image size,
@@ -6,6 +6,8 @@ concatenated and divided by one L2 norm per image.
 Extraction is split in two stages (:meth:`MDMFeatureExtractor.extract_blocks` at native resolution, then
 :meth:`MDMFeatureExtractor.assemble`) because the native-resolution blocks are ~16x smaller than the assembled
 map, which makes caching training features affordable.
+With ``trainable=True`` gradients flow through both stages into the UNet, for end-to-end fine-tuning
+(:meth:`MDMFeatureExtractor.trainable_parameters` lists the weights that can receive them).
 """
 
 from __future__ import annotations
@@ -39,11 +41,12 @@ def _sum_squares(x: torch.Tensor) -> torch.Tensor:
 
 
 class MDMFeatureExtractor(nn.Module):
-    """Frozen pixel features from decoder blocks of a (pretrained) :class:`MDMUNet`.
+    """Pixel features from decoder blocks of a (pretrained) :class:`MDMUNet`, frozen by default.
 
     Args:
-        network: the UNet; it is frozen (``requires_grad=False``) and kept in eval mode, even when ``.train()``
-            is called on the extractor, so that the head's trainer cannot switch on dropout in it.
+        network: the UNet; it is kept in eval mode, even when ``.train()`` is called on the extractor, so that a
+            trainer cannot switch on dropout in it (GroupNorm does not depend on the mode); frozen
+            (``requires_grad=False``) unless ``trainable``.
         blocks: indices into ``network.output_blocks`` (the paper: 8..12 for histology, 5..12 for faces). The
             channels are concatenated in this order.
         timestep: t at which the image is corrupted and which the network is told (50 for MDM).
@@ -54,6 +57,9 @@ class MDMFeatureExtractor(nn.Module):
             image of a given size gets the same mask). ``None`` = fresh randomness per call, as the reference
             code does (its predictions then vary slightly from run to run).
         normalize: divide the whole C x H x W map of each image by its L2 norm (one scalar per image).
+        trainable: let gradients flow into the network (end-to-end fine-tuning); it still runs in eval mode, so
+            the features it is trained on are computed exactly as at inference. Build caches under
+            ``torch.no_grad()``: with grad mode on, a trainable extractor records the graph.
     """
 
     def __init__(
@@ -64,6 +70,7 @@ class MDMFeatureExtractor(nn.Module):
         corruption: Corruption | str | None = "default",
         seed: int | None = 0,
         normalize: bool = True,
+        trainable: bool = False,
     ) -> None:
         super().__init__()
         num = len(network.output_blocks)
@@ -91,7 +98,8 @@ class MDMFeatureExtractor(nn.Module):
         self.corruption = corruption
         self.seed = None if seed is None else int(seed)
         self.normalize = bool(normalize)
-        network.requires_grad_(False)
+        self.trainable = bool(trainable)
+        network.requires_grad_(self.trainable)
         network.eval()
 
     # ------------------------------------------------------------------ properties
@@ -136,8 +144,19 @@ class MDMFeatureExtractor(nn.Module):
 
     def train(self, mode: bool = True) -> MDMFeatureExtractor:
         super().train(mode)
-        self.network.eval()  # frozen: never let a trainer switch dropout on in the backbone
+        self.network.eval()  # never let a trainer switch dropout on in the backbone, frozen or trainable
         return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The network's parameters that compute the selected blocks: all but the decoder blocks after the
+        deepest one and the ``out`` head, which never run here (so an optimiser leaves them untouched)."""
+        never_run = nn.ModuleList([*self.network.output_blocks[max(self.blocks) + 1 :], self.network.out])
+        unused = {id(p) for p in never_run.parameters()}
+        return [p for p in self.network.parameters() if id(p) not in unused]
+
+    def _grad_mode(self) -> torch.set_grad_enabled:
+        """Record gradients only for a trainable network, and only where the caller has grad mode on."""
+        return torch.set_grad_enabled(self.trainable and torch.is_grad_enabled())
 
     # ------------------------------------------------------------------ stage 1: native blocks
 
@@ -190,7 +209,6 @@ class MDMFeatureExtractor(nn.Module):
         keep = torch.from_numpy(keep.numpy()).to(images.device)
         return images.masked_fill(~keep, self.corruption.fill_value)  # (1, 1, *spatial) mask: same for every image
 
-    @torch.no_grad()
     def extract_blocks(
         self, images: torch.Tensor, seeds: Sequence[int] | torch.Tensor | None = None
     ) -> list[torch.Tensor]:
@@ -214,9 +232,10 @@ class MDMFeatureExtractor(nn.Module):
             images = images.as_tensor()  # MetaTensor bookkeeping is of no use here
         if self.network.training:
             self.network.eval()
-        x = self.corrupt(images, seeds)
-        t = torch.full((x.shape[0],), self.timestep, dtype=torch.long, device=x.device)
-        return self.network.decoder_features(x, t, self.blocks)
+        with self._grad_mode():
+            x = self.corrupt(images, seeds)
+            t = torch.full((x.shape[0],), self.timestep, dtype=torch.long, device=x.device)
+            return self.network.decoder_features(x, t, self.blocks)
 
     # ------------------------------------------------------------------ stage 2: assemble
 
@@ -231,7 +250,6 @@ class MDMFeatureExtractor(nn.Module):
             total = s if total is None else total + s
         return total.sqrt()
 
-    @torch.no_grad()
     def assemble(
         self,
         blocks: Sequence[torch.Tensor],
@@ -248,7 +266,12 @@ class MDMFeatureExtractor(nn.Module):
         """
         if len(blocks) != len(self.blocks):
             raise ValueError(f"expected {len(self.blocks)} blocks (for blocks {self.blocks}), got {len(blocks)}.")
-        spatial_size = tuple(int(s) for s in spatial_size)
+        with self._grad_mode():
+            return self._assemble(blocks, tuple(int(s) for s in spatial_size), norms)
+
+    def _assemble(
+        self, blocks: Sequence[torch.Tensor], spatial_size: tuple[int, ...], norms: torch.Tensor | None
+    ) -> torch.Tensor:
         ups = [_upsample(b, spatial_size) for b in blocks]
         feats = torch.cat(ups, dim=1)
         if self.normalize:
@@ -268,5 +291,5 @@ class MDMFeatureExtractor(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"blocks={self.blocks}, timestep={self.timestep}, corruption={self.corruption!r}, seed={self.seed}, "
-            f"normalize={self.normalize}, out_channels={self.out_channels}"
+            f"normalize={self.normalize}, trainable={self.trainable}, out_channels={self.out_channels}"
         )

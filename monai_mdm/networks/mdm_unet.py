@@ -705,7 +705,10 @@ def _unet_from_loaded(state: Any, path: Path, preset: str | None, overrides: Map
                 f"pretrained weights '{path}' hold no network settings: pass a preset (e.g. preset='paper'), or "
                 "convert the checkpoint with `python -m monai_mdm.convert` first."
             ) from e
-        raise ValueError(f"pretrained weights '{path}' do not fit {what}: {e}") from e
+        raise ValueError(
+            f"pretrained weights '{path}' do not fit {what}: {e}\nFix: set --pretrained_weights to a checkpoint "
+            "pretrained with this --preset, or --preset to the preset these weights were pretrained with."
+        ) from e
 
 
 WEIGHT_CHOICES = ("auto", "ema", "raw")
