@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pretrain-size", type=int, default=48, help="pretraining crop size")
     parser.add_argument("--label-budget", type=float, default=0.1)
     parser.add_argument("--n-train", type=int, default=40, help="synthetic GlaS training images")
-    parser.add_argument("--head-epochs", type=int, default=None, help="head epochs (default: the bundle's)")
+    parser.add_argument("--head-steps", type=int, default=None, help="head optimiser steps (default: the bundle's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
                 config_file=[str(c) for c in configs],
                 output_dir=str(run_dir),
                 pretrained_weights=str(pretrained),
-                **({} if args.head_epochs is None else {"max_epochs": args.head_epochs}),
+                **({} if args.head_steps is None else {"max_steps": args.head_steps, "epoch_length": args.head_steps}),
                 **common,
             ),
         )

@@ -11,7 +11,7 @@ def test_demo_pipeline_prints_mdm_and_unet_scores(tmp_path, capsys):
     summary = main(
         [
             "--out", str(tmp_path / "runs"), "--data", str(tmp_path / "data"),
-            "--pretrain-iterations", "2", "--pretrain-size", "32", "--n-train", "10", "--head-epochs", "1",
+            "--pretrain-iterations", "2", "--pretrain-size", "32", "--n-train", "10", "--head-steps", "4",
         ]
     )  # fmt: skip
     printed = capsys.readouterr().out
