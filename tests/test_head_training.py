@@ -6,10 +6,10 @@ import logging
 
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 
 from monai_mdm.engines import FeatureCache, heldout_cache, holdout_split
-from monai_mdm.handlers import HeldOutEarlyStopping, StopAtIteration, epochs_for_steps
+from monai_mdm.handlers import HeldOutEarlyStopping, StopAtStep, epochs_for_steps
 from monai_mdm.networks import MDMFeatureExtractor, MDMUNet
 
 
@@ -29,17 +29,25 @@ def _pair(h: int, w: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("num_items", [1, 10])
 def test_schedule_is_a_number_of_optimiser_steps_whatever_the_data(num_items):
-    steps = []
+    steps, ends = [], []
     engine = Engine(lambda e, b: steps.append(b))
-    StopAtIteration(7).attach(engine)
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: ends.append(e.state.iteration))
+    StopAtStep(7).attach(engine)
     engine.run(list(range(num_items)), max_epochs=epochs_for_steps(7, 3), epoch_length=3)
     assert len(steps) == 7 and engine.state.epoch == 3  # 3 + 3 + a last epoch cut to 1
+    engine = Engine(lambda e, b: None)
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: ends.append(e.state.iteration))
+    StopAtStep(6).attach(engine)
+    engine.run(list(range(num_items)), max_epochs=5, epoch_length=3)  # e.g. --max_epochs overridden upwards
+    assert engine.state.iteration == 6 and ends[-2:] == [3, 6]  # a full last epoch completes (and is logged)
 
 
 @pytest.mark.parametrize("bad", [0, -5, 2.5, True])
 def test_bad_max_steps_is_refused_with_the_bound(bad):
     with pytest.raises(ValueError, match=r"max_steps must be an integer >= 1"):
         epochs_for_steps(bad, 25)
+    with pytest.raises(ValueError, match=r"max_steps must be an integer >= 1"):
+        StopAtStep(bad)
     with pytest.raises(ValueError, match=r"epoch_length must be an integer >= 1"):
         epochs_for_steps(10, 0)
 
@@ -187,7 +195,7 @@ def test_last_short_epoch_is_scored_before_restoring():
     engine, net = _engine([0.0, 0.0, 5.0])
     stopper = HeldOutEarlyStopping(_heldout(), patience=5)
     stopper.attach(engine)
-    StopAtIteration(5).attach(engine)
+    StopAtStep(5).attach(engine)
     engine.run([0, 1], max_epochs=3)  # epochs of 2, 2 and a last one cut to 1
     assert engine.state.iteration == 5 and stopper.best_iteration == 5 and float(net.weight.detach()[1, 0]) == 5.0
 

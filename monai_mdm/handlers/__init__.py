@@ -1,6 +1,6 @@
 from .checkpoint import StopAtIteration, TrainingCheckpoint, find_latest_checkpoint
 from .ema import EMA
-from .training import EarlyStopOnLoss, HeldOutEarlyStopping, SaveModel, epochs_for_steps
+from .training import EarlyStopOnLoss, HeldOutEarlyStopping, SaveModel, StopAtStep, epochs_for_steps
 from .reconstruction_grid import ReconstructionGridSaver, reconstruction_grid
 from .segmentation_report import ClassIoUReport, SegmentationReport
 from .tracking import (
@@ -32,6 +32,7 @@ __all__ = [
     "ReconstructionGridSaver",
     "SetTrackedLoss",
     "StopAtIteration",
+    "StopAtStep",
     "TrainingCheckpoint",
     "find_latest_checkpoint",
     "check_tracking_uri",

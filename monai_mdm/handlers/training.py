@@ -21,13 +21,35 @@ logger = logging.getLogger(__name__)
 
 def epochs_for_steps(max_steps: int, epoch_length: int) -> int:
     """Ignite epochs of ``epoch_length`` iterations that hold ``max_steps`` optimiser steps (the last epoch is cut
-    short by ``StopAtIteration(max_steps)``). The schedule is counted in steps so that it does not grow with the
+    short by :class:`StopAtStep`). The schedule is counted in steps so that it does not grow with the
     number of labelled images; an epoch is only the evaluation / logging period."""
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be an integer >= 1 (optimiser steps of the head), got {max_steps!r}.")
     if isinstance(epoch_length, bool) or not isinstance(epoch_length, int) or epoch_length < 1:
         raise ValueError(f"epoch_length must be an integer >= 1 (steps between evaluations), got {epoch_length!r}.")
     return math.ceil(max_steps / epoch_length)
+
+
+class StopAtStep:
+    """End training after ``max_steps`` iterations: mid-epoch when the last epoch is a short one, otherwise once
+    the epoch's handlers (logging, early stopping) have run, so the last full epoch is logged like the others.
+    Attach it after them."""
+
+    def __init__(self, max_steps: int) -> None:
+        epochs_for_steps(max_steps, 1)  # the same check and message
+        self.max_steps = int(max_steps)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
+
+    def _iteration(self, engine: Engine) -> None:
+        if engine.state.iteration >= self.max_steps and engine.state.iteration % engine.state.epoch_length:
+            engine.terminate()
+
+    def _epoch(self, engine: Engine) -> None:
+        if engine.state.iteration >= self.max_steps:
+            engine.terminate()
 
 
 class HeldOutEarlyStopping:
@@ -160,7 +182,7 @@ class HeldOutEarlyStopping:
             self._stopper(engine)
 
     def _restore(self, engine: Engine) -> None:
-        self._check(engine, final=True)  # a last, shortened epoch (StopAtIteration) is scored too
+        self._check(engine, final=True)  # a last, shortened epoch (StopAtStep) is scored too
         if self.best_state is None:
             return
         engine.network.load_state_dict(self.best_state)
