@@ -152,7 +152,8 @@ class FeatureCache(Dataset):
             )
         total = len(plan)
         repeated = -total % num_shards  # crops 0 .. repeated - 1 are cached twice overall to even the shards
-        mine = [c for p, c in enumerate(plan) if p % num_shards == shard or (p < repeated and (total + p) % num_shards == shard)]
+        repeat = {p for p in range(repeated) if (total + p) % num_shards == shard}
+        mine = [c for p, c in enumerate(plan) if p % num_shards == shard or p in repeat]
 
         # (image index, crop start per dim, corruption seed or -1, view index) per cached crop
         self.crops: list[tuple[int, tuple[int, ...], int, int]] = []

@@ -135,9 +135,10 @@ class HeldOutEarlyStopping:
             target = torch.where(valid, labels, torch.zeros_like(labels))
             ce -= float(logp.gather(1, target.unsqueeze(1)).squeeze(1)[valid].sum())
             pixels += float(valid.sum())
-            pred = F.one_hot(logp.argmax(1)[valid], logp.shape[1]).sum(0).double()
-            true = F.one_hot(target[valid], logp.shape[1]).sum(0).double()
-            both = F.one_hot(target[valid][logp.argmax(1)[valid] == target[valid]], logp.shape[1]).sum(0).double()
+            predicted, truth, classes = logp.argmax(1)[valid], target[valid], logp.shape[1]
+            pred = F.one_hot(predicted, classes).sum(0).double()
+            true = F.one_hot(truth, classes).sum(0).double()
+            both = F.one_hot(truth[predicted == truth], classes).sum(0).double()
             inter = both if inter is None else inter + both
             total = pred + true if total is None else total + pred + true
         network.train(was_training)
@@ -176,7 +177,9 @@ class HeldOutEarlyStopping:
         engine.state.metrics["heldout_loss"], engine.state.metrics["heldout_dice"] = result["loss"], result["dice"]
         self.score = -result["loss"] if self.metric == "loss" else result["dice"]
         if self.score > self.best_score + self.min_delta or self.best_state is None:
-            self.best_score, self.best_epoch, self.best_iteration = self.score, engine.state.epoch, engine.state.iteration
+            self.best_score, self.best_epoch = self.score, engine.state.epoch
+            self.best_iteration = engine.state.iteration
+            # a copy, not references: the optimiser updates the parameters in place
             self.best_state = copy.deepcopy(engine.network.state_dict())
         if engine.state.epoch > self.warmup_epochs and not final:
             self._stopper(engine)
@@ -190,6 +193,7 @@ class HeldOutEarlyStopping:
             f"restored the head of epoch {self.best_epoch} (iteration {self.best_iteration}, "
             f"held-out {self.metric} {abs(self.best_score):.4f}) of {engine.state.iteration} iterations."
         )
+
 
 class EarlyStopOnLoss:
     """Stop when the epoch's mean training loss has not improved for ``patience`` epochs after a warm-up.
