@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", default="demo_data/GlaS")
     parser.add_argument("--out", default="runs/cache_vs_recompute")
     parser.add_argument("--label-budget", type=float, default=0.1)
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=None, help="head optimiser steps (default: the bundle's)")
     parser.add_argument("--crops-per-image", type=int, default=16)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = parser.parse_args(argv)
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
                 pretrained_weights=args.pretrained,
                 label_budget=args.label_budget,
                 feature_mode=mode,
-                max_epochs=args.epochs,
+                **({} if args.steps is None else {"max_steps": args.steps}),
                 crops_per_image=args.crops_per_image,
                 seed=seed,
             )

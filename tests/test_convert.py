@@ -222,7 +222,7 @@ def test_converted_checkpoint_drives_the_face_bundle(ref, tmp_path, capsys):
     out = tmp_path / "run"
     run(config_file=str(BUNDLES / "mdm_face_parts_fewshot" / "configs" / "train.json"), dataset_dir=str(data),
         output_dir=str(out), pretrained_weights=str(converted), preset=None, blocks=list(BLOCKS), crop_size=32,
-        num_heads=2, max_epochs=1, warmup_epochs=0)  # fmt: skip
+        num_heads=2, max_steps=2, epoch_length=2, warmup_epochs=0)  # fmt: skip
     segmenter = load_segmentation_model(out / "models" / "model.pt")
     assert list(segmenter.extractor.blocks) == list(BLOCKS)
     ex = MDMFeatureExtractor(segmenter.extractor.network, blocks=BLOCKS, timestep=int(ref["timesteps"][0]),

@@ -8,7 +8,7 @@ from PIL import Image
 
 from monai_mdm.demo import main
 
-TINY = ["--set", "crop_size=32", "--set", "crops_per_image=2", "--set", "max_epochs=1", "--set", "warmup_epochs=0"]
+TINY = ["--set", "crop_size=32", "--set", "crops_per_image=2", "--set", "max_steps=2", "--set", "epoch_length=2", "--set", "warmup_epochs=0"]
 
 
 def test_demo_pipeline_prints_unet_frozen_and_finetuned_scores(tmp_path, capsys):

@@ -13,7 +13,7 @@ from conftest import BUNDLES, write_face_parts
 
 PRETRAIN = str(BUNDLES / "mdm_pretrain" / "configs" / "train.json")
 FACES = BUNDLES / "mdm_face_parts_fewshot" / "configs"
-TINY = dict(preset="tiny", blocks=[3, 4, 5, 6, 7], crop_size=64, max_epochs=2, warmup_epochs=0, num_heads=3)
+TINY = dict(preset="tiny", blocks=[3, 4, 5, 6, 7], crop_size=64, max_steps=4, epoch_length=2, warmup_epochs=0, num_heads=3)
 
 
 @pytest.fixture(scope="module")

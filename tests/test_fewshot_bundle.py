@@ -17,7 +17,7 @@ from conftest import BUNDLES, error_chain
 PRETRAIN = str(BUNDLES / "mdm_pretrain" / "configs" / "train.json")
 GLAS = BUNDLES / "mdm_glas_fewshot" / "configs"
 # small enough for CPU: 32 px crops and windows, a couple of crops and epochs
-HEAD = dict(crop_size=32, crops_per_image=2, max_epochs=2, warmup_epochs=0)
+HEAD = dict(crop_size=32, crops_per_image=2, max_steps=8, epoch_length=4, warmup_epochs=0)
 
 
 @pytest.fixture(scope="module")

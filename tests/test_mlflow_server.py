@@ -33,7 +33,7 @@ GLAS = BUNDLES / "mdm_glas_fewshot" / "configs"
 FACES = BUNDLES / "mdm_face_parts_fewshot" / "configs"
 VOLUME = BUNDLES / "mdm_volume_fewshot" / "configs"
 TINY_PRETRAIN = dict(image_size=32, batch_size=2, num_workers=0, progress_bar=False, save_interval=2, grid_interval=2)
-HEAD = dict(crop_size=32, crops_per_image=2, max_epochs=2, warmup_epochs=0, label_budget=0.2)
+HEAD = dict(crop_size=32, crops_per_image=2, max_steps=8, epoch_length=4, warmup_epochs=0, label_budget=0.2)
 
 
 def _free_port() -> int:
@@ -160,7 +160,7 @@ def test_fewshot_training_records_settings_losses_and_a_model_that_predicts_mask
     params = mlrun.data.params
     assert params["label_budget"] == "0.2" and params["num_labelled"] == "2" and params["crop_size"] == "32"
     assert [m.step for m in client.get_metric_history(run_id, "epoch_loss")] == [1, 2]
-    assert len(client.get_metric_history(run_id, "train_loss")) == 2 * 2 * 2  # epochs x images x crops
+    assert len(client.get_metric_history(run_id, "train_loss")) == 2 * 4  # epochs x epoch_length
     assert "model/MLmodel" in _artifacts(client, run_id, "model")
     # what users do: load the run's model and segment images; it matches the evaluation bundle's predictions
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
@@ -214,7 +214,7 @@ def test_face_parts_bundle_records_per_class_iou_and_a_34_class_model(
     out = tmp_path / "run"
     common = dict(dataset_dir=str(data), output_dir=str(out), tracking="mlflow", tracking_uri=server)
     run(config_file=str(FACES / "train.json"), pretrained_weights=str(pretrain_run / "models" / "model_ema.pt"),
-        preset="tiny", blocks=[5, 6, 7], crop_size=64, max_epochs=1, warmup_epochs=0, num_heads=2,
+        preset="tiny", blocks=[5, 6, 7], crop_size=64, max_steps=2, epoch_length=2, warmup_epochs=0, num_heads=2,
         **common)  # fmt: skip
     run(config_file=str(FACES / "evaluate.json"), window_size=64, **common)
     doc = json.loads((out / "evaluation" / "metrics.json").read_text())
@@ -244,7 +244,7 @@ def test_volume_bundle_records_settings_dice_tables_and_a_3d_model(tmp_path, mon
     out = tmp_path / "run"
     common = dict(dataset_dir=str(data), output_dir=str(out), tracking="mlflow")
     run(config_file=str(VOLUME / "train.json"), pretrained_weights=str(weights), label_budget=1, crop_size=16,
-        crops_per_image=2, batch_size=1, max_epochs=1, warmup_epochs=0, **common)  # fmt: skip
+        crops_per_image=2, batch_size=1, max_steps=2, epoch_length=2, warmup_epochs=0, **common)  # fmt: skip
     run(config_file=str(VOLUME / "evaluate.json"), window_size=16, overlap=0.0, **common)
     uri = path_to_sqlite_uri(str(out / "mlruns.db"))
     client = mlflow.MlflowClient(uri)

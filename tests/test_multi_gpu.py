@@ -89,13 +89,16 @@ def test_ddp_head_training_shards_the_cache_and_stops_together(ddp_pretrain, dem
     # 20% of 12 images = 2 labelled, x 3 crops = 6 crops: 3 per rank; global batch 2 = 1 per rank
     logs = _torchrun(GLAS, tmp_path / "torchrun", dataset_dir=demo_data["glas"], output_dir=out,
                      pretrained_weights=pretrained, label_budget=0.2, crop_size=32, crops_per_image=3,
-                     batch_size=2, max_epochs=2, warmup_epochs=0)  # fmt: skip
-    losses = {}
+                     batch_size=2, max_steps=4, epoch_length=2, warmup_epochs=0, patience=1)  # fmt: skip
+    losses, restored = {}, {}
     for rank, log in logs.items():
         assert f"cached 3 of 6 crops (shard {rank} of {WORLD})" in log
-        losses[rank] = re.findall(r"Epoch\[\d+\] Metrics -- epoch_loss: ([\d.]+)", log)
-        assert len(losses[rank]) == 2, f"rank {rank} did not train 2 epochs"
-    assert losses[0] == losses[1]  # the epoch loss is averaged over ranks, so early stopping agrees
+        losses[rank] = re.findall(r"Epoch\[\d+\] Metrics -- epoch_loss: ([\d.]+) heldout_dice: ([\d.]+) "
+                                  r"heldout_loss: ([\d.]+)", log)  # fmt: skip
+        restored[rank] = re.findall(r"restored the head of epoch (\d+)", log)
+        assert 1 <= len(losses[rank]) <= 2 and len(restored[rank]) == 1, f"rank {rank}: {losses[rank]}"
+    # training and held-out losses are summed over ranks, so the stopping decision and the kept epoch agree
+    assert losses[0] == losses[1] and restored[0] == restored[1]
     assert [("saved model" in logs[r]) for r in range(WORLD)] == [True, False]
     assert sorted(p.name for p in (out / "models").iterdir()) == ["model.pt"]
     assert json.loads((out / "label_budget.json").read_text())["count"] == 2
@@ -132,8 +135,8 @@ def test_ddp_volume_head_training_shards_the_3d_cache_and_rank0_saves(tmp_path):
     out = tmp_path / "volume"
     # 2 labelled volumes x 2 cubes = 4 cubes: 2 per rank; global batch 2 = 1 per rank
     logs = _torchrun(VOLUME, tmp_path / "torchrun", dataset_dir=data, output_dir=out, pretrained_weights=weights,
-                     label_budget=2, crop_size=16, crops_per_image=2, batch_size=2, max_epochs=2,
-                     warmup_epochs=0)  # fmt: skip
+                     label_budget=2, crop_size=16, crops_per_image=2, batch_size=2, max_steps=4,
+                     epoch_length=2, warmup_epochs=0)  # fmt: skip
     losses = {}
     for rank, log in logs.items():
         assert f"cached 2 of 4 crops (shard {rank} of {WORLD})" in log

@@ -47,7 +47,7 @@ def fewshot(volumes, pretrained, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fewshot3d")
     run(config_file=str(VOLUME / "train.json"), dataset_dir=str(volumes), output_dir=str(out),
         pretrained_weights=str(pretrained / "models" / "model_ema.pt"), label_budget=1, crop_size=CUBE,
-        crops_per_image=2, max_epochs=2, warmup_epochs=0)  # fmt: skip
+        crops_per_image=2, max_steps=4, epoch_length=2, warmup_epochs=0)  # fmt: skip
     return out
 
 

@@ -3,6 +3,7 @@
 from .ensemble import EnsembleCrossEntropy, EnsembleLogits
 from .feature_batch import CachedFeaturePrepareBatch, OnlineFeaturePrepareBatch
 from .feature_cache import FeatureCache
+from .holdout import heldout_cache, holdout_split
 from .prepare_batch import CorruptionPrepareBatch
 
 __all__ = [
@@ -12,4 +13,6 @@ __all__ = [
     "EnsembleLogits",
     "FeatureCache",
     "OnlineFeaturePrepareBatch",
+    "heldout_cache",
+    "holdout_split",
 ]

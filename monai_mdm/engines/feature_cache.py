@@ -30,6 +30,8 @@ __all__ = ["FeatureCache"]
 
 logger = logging.getLogger(__name__)
 
+_ENUMERATE = 2**22  # up to this many distinct crop views per image, crops are drawn without replacement
+
 
 def _as_tensor(x: Any) -> torch.Tensor:
     if hasattr(x, "as_tensor"):
@@ -65,7 +67,14 @@ class FeatureCache(Dataset):
             in multi-process training: each rank computes and holds 1/``num_shards`` of the cache). The crops
             are drawn as without sharding, so the shards together are the unsharded cache; like PyTorch's
             ``DistributedSampler`` the first crops are repeated to give every shard the same length, since
-            DDP ranks must take the same number of steps. Needs ``data`` with a length.
+            DDP ranks must take the same number of steps.
+        augment: cache each crop as one random view of the baseline UNet's augmentation (flip x 90-degree
+            rotation, :meth:`augment`), drawn with the position from ``seed``.
+
+    Crops are drawn without replacement among an image's distinct views (position x augmentation), so a view
+    repeats only once all were used, and then only with a new mask (``vary_masks``); without varied masks (or
+    without corruption) an image with fewer distinct views than ``crops_per_image`` (e.g. one no larger than
+    the crop) gets one crop per view instead of identical copies, which is logged.
     """
 
     def __init__(
@@ -84,6 +93,7 @@ class FeatureCache(Dataset):
         label_key: str = CommonKeys.LABEL,
         num_shards: int = 1,
         shard: int = 0,
+        augment: bool = False,
     ) -> None:
         nd = extractor.spatial_dims
         size = (int(crop_size),) * nd if isinstance(crop_size, int) else tuple(int(c) for c in crop_size)
@@ -96,53 +106,84 @@ class FeatureCache(Dataset):
             raise ValueError(f"crops_per_image must be positive, got {crops_per_image}.")
         if not 0 <= shard < num_shards:
             raise ValueError(f"shard must lie in [0, num_shards={num_shards}), got {shard}.")
-        if num_shards > 1 and not hasattr(data, "__len__"):
-            raise ValueError("a sharded FeatureCache needs data with a length (to give every shard as many crops).")
         self.extractor = extractor
         self.crop_size = size
         self.crops_per_image = int(crops_per_image)
         self.fp16 = fp16
         self.ignore_index = int(ignore_index)
         self.image_key, self.label_key = image_key, label_key
+        # flips x 90-degree rotations in the first two spatial dims (only 0 / 180 degrees for a non-square crop)
+        turns = (0, 1, 2, 3) if size[0] == size[1] else (0, 2)
+        self.views = [(k, flip) for flip in (False, True) for k in turns] if augment else [(0, False)]
+        # without per-crop masks (or without corruption) two crops of the same view would be identical copies
+        identical = not vary_masks or extractor.corruption is None
         device = torch.device(device) if device is not None else next(extractor.parameters()).device
         gen = torch.Generator().manual_seed(int(seed))
 
-        # (image index, crop start per dim, corruption seed or -1) per cached crop
-        self.crops: list[tuple[int, tuple[int, ...], int]] = []
+        # plan every crop first (the same draws for every shard), then keep this shard's
+        plan: list[tuple[int, tuple[int, ...], int, int]] = []  # image index, start, view, mask seed
+        images: list[tuple[torch.Tensor, torch.Tensor]] = []
+        capped = []
+        for index, item in enumerate(self._iterate(data)):
+            image, label = self._pad(*self._pair(item))
+            images.append((image, label))
+            ranges = [s - c + 1 for s, c in zip(image.shape[1:], size)]
+            distinct = math.prod(ranges) * len(self.views)
+            count = min(self.crops_per_image, distinct) if identical else self.crops_per_image
+            if count < self.crops_per_image:
+                capped.append((index, distinct))
+            if distinct <= _ENUMERATE:  # draw without replacement: no view repeats before all were used
+                order = torch.randperm(distinct, generator=gen).repeat(-(-count // distinct))[:count].tolist()
+            else:  # too many to list; a repeat is then improbable
+                order = torch.randint(0, distinct, (count,), generator=gen).tolist()
+            for code in order:
+                code, view = divmod(code, len(self.views))
+                start = []
+                for r in reversed(ranges):
+                    code, offset = divmod(code, r)
+                    start.append(offset)
+                mask_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) if vary_masks else -1
+                plan.append((index, tuple(reversed(start)), view, mask_seed))
+        if capped:
+            logger.info(
+                f"{len(capped)} image(s) (first: image {capped[0][0]}) have only {capped[0][1]} distinct "
+                f"crop views (position x flip/rotation) with the same mask: cached those instead of "
+                f"{self.crops_per_image} identical copies."
+            )
+        total = len(plan)
+        repeated = -total % num_shards  # crops 0 .. repeated - 1 are cached twice overall to even the shards
+        repeat = {p for p in range(repeated) if (total + p) % num_shards == shard}
+        mine = [c for p, c in enumerate(plan) if p % num_shards == shard or p in repeat]
+
+        # (image index, crop start per dim, corruption seed or -1, view index) per cached crop
+        self.crops: list[tuple[int, tuple[int, ...], int, int]] = []
         self.blocks: list[list[torch.Tensor]] = []
         self.labels: list[torch.Tensor] = []
         self.norms: list[torch.Tensor] = []
         pending: list[tuple[torch.Tensor, int]] = []
-        total = len(data) * self.crops_per_image if num_shards > 1 else 0  # type: ignore[arg-type]
-        repeated = -total % num_shards  # crops 0 .. repeated - 1 are cached twice overall to even the shards
-        position = -1
-
-        for index, item in enumerate(self._iterate(data)):
-            image, label = self._pair(item)
-            image, label = self._pad(image, label)
-            for _ in range(self.crops_per_image):
-                position += 1
-                start = tuple(
-                    int(torch.randint(0, s - c + 1, (1,), generator=gen)) for s, c in zip(image.shape[1:], size)
-                )
-                mask_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) if vary_masks else -1
-                repeat = position < repeated and (total + position) % num_shards == shard
-                if position % num_shards != shard and not repeat:
-                    continue
-                window = tuple(slice(a, a + c) for a, c in zip(start, size))
-                self.crops.append((index, start, mask_seed))
-                lab = label[(slice(None), *window)]
-                self.labels.append(lab.to(torch.uint8) if lab.min() >= 0 and lab.max() <= 255 else lab.long())
-                pending.append((image[(slice(None), *window)], mask_seed))
-                if len(pending) == batch_size:
-                    self._compute(pending, device)
-                    pending = []
+        for index, start, view, mask_seed in mine:
+            image, label = images[index]
+            window = (slice(None), *(slice(a, a + c) for a, c in zip(start, size)))
+            self.crops.append((index, start, mask_seed, view))
+            lab = self.augment(label[window], view)
+            self.labels.append(lab.to(torch.uint8) if lab.min() >= 0 and lab.max() <= 255 else lab.long())
+            pending.append((self.augment(image[window], view), mask_seed))
+            if len(pending) == batch_size:
+                self._compute(pending, device)
+                pending = []
         if pending:
             self._compute(pending, device)
         if not self.crops:
             raise ValueError("no labelled images were given.")
         if num_shards > 1:
             logger.info(f"cached {len(self.crops)} of {total} crops (shard {shard} of {num_shards}).")
+
+    def augment(self, crop: torch.Tensor, view: int) -> torch.Tensor:
+        """View ``view`` of a (C, *spatial) crop: rotated ``k`` quarter turns in the first two spatial dims,
+        then flipped along the last one (as the UNet baseline's RandRotate90d / RandFlipd)."""
+        k, flip = self.views[view]
+        crop = torch.rot90(crop, k, dims=(1, 2)) if k else crop
+        return torch.flip(crop, dims=(-1,)) if flip else crop
 
     # ------------------------------------------------------------------ building
 
@@ -197,7 +238,7 @@ class FeatureCache(Dataset):
         return len(self.crops)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image_index, _, mask_seed = self.crops[index]
+        image_index, _, mask_seed, _ = self.crops[index]
         return {
             "blocks": list(self.blocks[index]),
             CommonKeys.LABEL: self.labels[index],
@@ -208,8 +249,12 @@ class FeatureCache(Dataset):
 
     def crop_slices(self, index: int) -> tuple[int, tuple[slice, ...]]:
         """``(image index, spatial slices)`` of a cached crop, in the (padded) image's coordinates."""
-        image_index, start, _ = self.crops[index]
+        image_index, start, _, _ = self.crops[index]
         return image_index, tuple(slice(a, a + c) for a, c in zip(start, self.crop_size))
+
+    def view(self, index: int) -> int:
+        """Augmentation view (index into ``views``, ``(quarter turns, flipped)``) of a cached crop."""
+        return self.crops[index][3]
 
     # ------------------------------------------------------------------ memory
 

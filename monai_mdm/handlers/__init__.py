@@ -1,6 +1,6 @@
 from .checkpoint import StopAtIteration, TrainingCheckpoint, find_latest_checkpoint
 from .ema import EMA
-from .training import EarlyStopOnLoss, SaveModel
+from .training import EarlyStopOnLoss, HeldOutEarlyStopping, SaveModel, StopAtStep, epochs_for_steps
 from .reconstruction_grid import ReconstructionGridSaver, reconstruction_grid
 from .segmentation_report import ClassIoUReport, SegmentationReport
 from .tracking import (
@@ -23,6 +23,7 @@ __all__ = [
     "DiceReport",
     "EMA",
     "EarlyStopOnLoss",
+    "HeldOutEarlyStopping",
     "SaveModel",
     "SegmentationReport",
     "LogArtifacts",
@@ -31,9 +32,11 @@ __all__ = [
     "ReconstructionGridSaver",
     "SetTrackedLoss",
     "StopAtIteration",
+    "StopAtStep",
     "TrainingCheckpoint",
     "find_latest_checkpoint",
     "check_tracking_uri",
+    "epochs_for_steps",
     "log_artifact",
     "log_metrics",
     "mlflow_handlers",
