@@ -492,6 +492,7 @@ def _place_glands(
     outlines: list[np.ndarray] = []
     coverage_target = (rng.uniform(0.35, 0.6) if malignant else rng.uniform(0.25, 0.45)) * (~keep_out).mean()
     margin = (2.0 if malignant else 3.0) + 0.02 * short
+    min_area = min(150.0, 0.01 * h * w)
     covered = 0
     for attempt in range(61):
         if covered >= coverage_target * h * w or len(outlines) >= 250 or (attempt == 60 and outlines):
@@ -507,6 +508,8 @@ def _place_glands(
             a0, irregular = short * scale * rng.uniform(0.07, 0.19), rng.uniform(0.03, 0.12)
         cy = 0.5 * h if fallback else rng.uniform(-0.05 * h, 1.05 * h)
         cx = 0.5 * w if fallback else rng.uniform(-0.05 * w, 1.05 * w)
+        if not fallback and keep_out[int(np.clip(cy, 0, h - 1)), int(np.clip(cx, 0, w - 1))]:
+            continue  # centre already taken: skip drawing it
         gland = np.zeros(shape, bool)
         margins = []
         for lobe in range(lobes):
@@ -520,7 +523,7 @@ def _place_glands(
             gland |= _fill_polygon(y, x, shape)
             margins.append(_offset_radially(y, x, cy, cx, margin))
         area = int(gland.sum())
-        if not fallback and (area < 150 or (gland & keep_out).any() or ndi.label(gland)[1] != 1):
+        if not fallback and (area < min_area or (gland & keep_out).any() or ndi.label(gland)[1] != 1):
             continue
         if fallback:
             gland &= instances == 0
@@ -685,8 +688,8 @@ MONUSEG_ORGANS: dict[str, _Organ] = {
     "stomach": _Organ((3.5, 6.0), (0.5, 0.85), (0.14, 0.24), (0.35, 0.7), (0.1, 0.35), 0.3, (0.28, 0.22), ("KB", "RD")),
     # lung carcinoma (test only in the real set): large, pleomorphic
     "lung": _Organ((4.5, 7.0), (0.6, 0.95), (0.15, 0.28), (0.3, 0.7), (0.2, 0.45), 0.3, (0.3, 0.2), ("44", "69")),
-    # glioma (test only in the real set): small-medium nuclei scattered in fibrillary pink neuropil
-    "brain": _Organ((3.0, 4.5), (0.6, 0.95), (0.07, 0.14), (0.0, 0.15), (0.0, 0.2), 0.1, (0.35, 0.1), ("HT",)),
+    # glioma (test only in the real set): small-medium glial nuclei scattered in pink neuropil
+    "brain": _Organ((3.0, 4.5), (0.6, 0.95), (0.07, 0.14), (0.85, 1.0), (0.0, 0.2), 0.1, (0.35, 0.1), ("HT",)),
 }
 # the real training set: 6 images each of breast, kidney, liver, prostate; 2 of bladder, colon,
 # stomach; its test set holds organs the training set lacks (lung, brain)
