@@ -1,8 +1,11 @@
 """Deterministic synthetic H&E-like histology tiles written in the official GlaS and MoNuSeg layouts.
 
 The tiles are rendered with a Beer-Lambert stain model: two concentration maps (hematoxylin, eosin)
-are turned into optical density with per-tile jittered stain vectors and then into RGB, then
-blurred and given sensor noise. Labelled structures are built as polygons first and the picture is
+are turned into optical density with stain vectors and then into RGB, then blurred and given sensor
+noise. Images vary between cases as in the real sets (``docs/synthetic_data.md``): each GlaS slide
+(patient) has its own stain and gland size, some slides only give test images, the grade drives the
+gland morphology, and blur, tissue folds, tissue edges and fat vary per image; each MoNuSeg tile has
+its own stain and an organ (named by the TCGA site code of its file name) setting its nuclei. Labelled structures are built as polygons first and the picture is
 painted from them, so the instance maps are exact: MoNuSeg nuclei are rasterised with
 ``skimage.draw.polygon`` from the very vertices written to the XML (snapped to a 1/4-pixel grid, so
 the text round-trips exactly), hence a reader that rasterises the XML the same way gets the same
@@ -673,23 +676,41 @@ class _Organ:
 
 MONUSEG_ORGANS: dict[str, _Organ] = {
     # large pleomorphic carcinoma nuclei, open chromatin
-    "breast": _Organ((4.5, 7.5), (0.65, 0.95), (0.18, 0.3), (0.4, 0.8), (0.25, 0.5), 0.35, (0.32, 0.22), ("A7", "AR", "E2", "AC")),
+    "breast": _Organ(
+        (4.5, 7.5), (0.65, 0.95), (0.18, 0.3), (0.4, 0.8), (0.25, 0.5), 0.35, (0.32, 0.22), ("A7", "AR", "E2", "AC")
+    ),
     # clear-cell carcinoma: small round nuclei, pale cytoplasm, sparse
-    "kidney": _Organ((3.2, 4.8), (0.8, 1.0), (0.1, 0.18), (0.5, 0.85), (0.1, 0.3), 0.1, (0.12, 0.08), ("B0", "HE", "2Z")),
+    "kidney": _Organ(
+        (3.2, 4.8), (0.8, 1.0), (0.1, 0.18), (0.5, 0.85), (0.1, 0.3), 0.1, (0.12, 0.08), ("B0", "HE", "2Z")
+    ),
     # hepatocytes: round nuclei with a nucleolus, eosin-rich cytoplasm, sparse
-    "liver": _Organ((3.8, 5.2), (0.85, 1.0), (0.08, 0.15), (0.6, 0.9), (0.3, 0.5), 0.0, (0.5, 0.18), ("18", "38", "49", "50")),
+    "liver": _Organ(
+        (3.8, 5.2), (0.85, 1.0), (0.08, 0.15), (0.6, 0.9), (0.3, 0.5), 0.0, (0.5, 0.18), ("18", "38", "49", "50")
+    ),
     # acinar adenocarcinoma: medium round-oval nuclei
-    "prostate": _Organ((3.5, 5.5), (0.7, 0.95), (0.12, 0.22), (0.35, 0.7), (0.15, 0.4), 0.2, (0.3, 0.2), ("G9", "CH", "EJ")),
+    "prostate": _Organ(
+        (3.5, 5.5), (0.7, 0.95), (0.12, 0.22), (0.35, 0.7), (0.15, 0.4), 0.2, (0.3, 0.2), ("G9", "CH", "EJ")
+    ),
     # urothelial carcinoma: crowded oval nuclei
-    "bladder": _Organ((4.0, 6.0), (0.6, 0.9), (0.2, 0.32), (0.5, 0.85), (0.1, 0.35), 0.45, (0.3, 0.26), ("DK", "G2", "ZF")),
+    "bladder": _Organ(
+        (4.0, 6.0), (0.6, 0.9), (0.2, 0.32), (0.5, 0.85), (0.1, 0.35), 0.45, (0.3, 0.26), ("DK", "G2", "ZF")
+    ),
     # colorectal adenocarcinoma: elongated pencil-like, crowded stratified nuclei
-    "colon": _Organ((5.0, 8.0), (0.35, 0.6), (0.18, 0.28), (0.4, 0.75), (0.05, 0.25), 0.4, (0.3, 0.25), ("AY", "NH", "A6")),
+    "colon": _Organ(
+        (5.0, 8.0), (0.35, 0.6), (0.18, 0.28), (0.4, 0.75), (0.05, 0.25), 0.4, (0.3, 0.25), ("AY", "NH", "A6")
+    ),
     # gastric adenocarcinoma: medium, variably elongated
-    "stomach": _Organ((3.5, 6.0), (0.5, 0.85), (0.14, 0.24), (0.35, 0.7), (0.1, 0.35), 0.3, (0.28, 0.22), ("KB", "RD")),
+    "stomach": _Organ(
+        (3.5, 6.0), (0.5, 0.85), (0.14, 0.24), (0.35, 0.7), (0.1, 0.35), 0.3, (0.28, 0.22), ("KB", "RD")
+    ),
     # lung carcinoma (test only in the real set): large, pleomorphic
-    "lung": _Organ((4.5, 7.0), (0.6, 0.95), (0.15, 0.28), (0.3, 0.7), (0.2, 0.45), 0.3, (0.3, 0.2), ("44", "69")),
+    "lung": _Organ(
+        (4.5, 7.0), (0.6, 0.95), (0.15, 0.28), (0.3, 0.7), (0.2, 0.45), 0.3, (0.3, 0.2), ("44", "69")
+    ),
     # glioma (test only in the real set): small-medium glial nuclei scattered in pink neuropil
-    "brain": _Organ((3.0, 4.5), (0.6, 0.95), (0.07, 0.14), (0.85, 1.0), (0.0, 0.2), 0.1, (0.35, 0.1), ("HT",)),
+    "brain": _Organ(
+        (3.0, 4.5), (0.6, 0.95), (0.07, 0.14), (0.85, 1.0), (0.0, 0.2), 0.1, (0.35, 0.1), ("HT",)
+    ),
 }
 # the real training set: 6 images each of breast, kidney, liver, prostate; 2 of bladder, colon,
 # stomach; its test set holds organs the training set lacks (lung, brain)
