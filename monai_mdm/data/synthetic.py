@@ -385,7 +385,7 @@ def _stroma(rng: np.random.Generator, shape: tuple[int, int]) -> tuple[np.ndarra
     low = _smooth_noise(rng, shape, short / 8.0)
     mid = _smooth_noise(rng, shape, 2.0)
     eosin = rng.uniform(0.45, 0.75) * (0.75 + 0.1 * low + 0.5 * fib + 0.05 * mid)
-    hema = rng.uniform(0.05, 0.12) * (1.0 + 0.3 * mid)
+    hema = rng.uniform(0.05, 0.16) * (1.0 + 0.3 * mid)
     gaps_field = 0.8 * _smooth_noise(rng, shape, short / 14.0) - 0.6 * fib
     gap = np.clip((gaps_field - rng.uniform(0.8, 1.5)) / 0.4, 0.0, 1.0)
     eosin = eosin * (1.0 - 0.85 * gap)
@@ -605,13 +605,15 @@ def _gland_tile(rng: np.random.Generator, shape: tuple[int, int], grade: str, sl
         )
         goblet_mask = (goblet > 0) & rim & (nuclei == 0)
     stroma = ~keep_out & tissue
-    # stroma around carcinoma is more cellular (inflammation, desmoplasia)
-    density = rng.uniform(1 / 300, 1 / 140) if malignant else rng.uniform(1 / 500, 1 / 250)
+    # stromal cellularity varies a lot between cases (sparse fibrous stroma to a lamina propria
+    # crowded with inflammatory cells); around carcinoma it is more cellular (desmoplasia)
+    density = float(np.exp(rng.uniform(np.log(1 / 450), np.log(1 / 55)))) * (1.5 if malignant else 1.0)
     _stromal_cells(rng, nuclei, orientation, stroma, density=density)
 
-    # glandular appearance: purple-pink cytoplasm, pale lumen with a little secretion
-    cyto_e = rng.uniform(0.25, 0.4) * (1.25 if malignant else 1.0)
-    cyto_h = rng.uniform(0.15, 0.28) * (1.4 if malignant else 1.0)
+    # glandular appearance: purple-pink cytoplasm, from clearly bluer than the stroma to nearly
+    # the same colour (cases differ); pale lumen with a little secretion
+    cyto_e = rng.uniform(0.25, 0.55) * (1.15 if malignant else 1.0)
+    cyto_h = rng.uniform(0.1, 0.28) * (1.3 if malignant else 1.0)
     eosin = np.where(rim, cyto_e * (1.0 + 0.2 * mid), eosin)
     hema = np.where(rim, cyto_h * (1.0 + 0.25 * mid), hema)
     secretion = np.clip(_smooth_noise(rng, shape, 3.0) - 0.8, 0.0, None)
