@@ -12,6 +12,7 @@ import tifffile
 from PIL import Image
 from scipy import ndimage as ndi
 from skimage.draw import polygon as draw_polygon
+from skimage.measure import regionprops
 
 from monai_mdm.data import synthesize_tile, write_demo_data, write_glas, write_monuseg
 from monai_mdm.data.synthetic import (
@@ -20,6 +21,8 @@ from monai_mdm.data.synthetic import (
     MONUSEG_TRAIN_DIR,
     main,
     make_sample,
+    monuseg_organ,
+    write_examples,
 )
 
 GLAS_COUNTS = {"train": 3, "testA": 2, "testB": 1}
@@ -310,3 +313,110 @@ def test_cli(tmp_path, capsys):
     assert (tmp_path / "GlaS" / "train_1.bmp").is_file()
     assert not (tmp_path / "GlaS" / "train_2.bmp").exists()
     assert len(list((tmp_path / "MoNuSeg" / MONUSEG_TEST_DIR).glob("*.xml"))) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# variation between images, as in the real sets
+
+
+def _angle(u: np.ndarray, v: np.ndarray) -> float:
+    return float(np.degrees(np.arccos(np.clip(np.dot(u, v) / np.linalg.norm(u) / np.linalg.norm(v), -1.0, 1.0))))
+
+
+def test_glas_stain_is_shared_within_a_slide_and_differs_between_slides():
+    tiles = [make_sample("glas", "train", i, size=(64, 96), seed=1) for i in range(1, 21)]
+    by_slide: dict[int, list] = {}
+    for t in tiles:
+        by_slide.setdefault(t.slide, []).append(t)
+    shared = [ts for ts in by_slide.values() if len(ts) >= 2]
+    assert shared and len(by_slide) >= 4
+    for ts in shared:  # one slide: the same vectors and strengths up to a small jitter
+        for t in ts[1:]:
+            assert _angle(t.stain.h_vec, ts[0].stain.h_vec) < 3.0
+            assert _angle(t.stain.e_vec, ts[0].stain.e_vec) < 3.0
+            assert abs(np.log(t.stain.h_gain / ts[0].stain.h_gain)) < 0.3
+    firsts = [ts[0] for ts in by_slide.values()]
+    h_angles = [_angle(a.stain.h_vec, b.stain.h_vec) for i, a in enumerate(firsts) for b in firsts[i + 1 :]]
+    gains = [t.stain.h_gain for t in firsts]
+    assert np.median(h_angles) > 4.0 and max(gains) / min(gains) > 1.4
+    # and it shows in the pictures: mean tissue colour of one slide's images is closer than across slides
+    colour = {id(t): t.image.reshape(-1, 3).mean(0) for t in tiles}
+    within = [np.linalg.norm(colour[id(t)] - colour[id(ts[0])]) for ts in shared for t in ts[1:]]
+    between = [np.linalg.norm(colour[id(a)] - colour[id(b)]) for i, a in enumerate(firsts) for b in firsts[i + 1 :]]
+    assert np.median(within) < np.median(between)
+
+
+def test_glas_test_images_partly_from_slides_not_in_training(tmp_path):
+    write_glas(tmp_path, n_train=24, n_test_a=8, n_test_b=6, size=(64, 96), seed=2)
+    with open(tmp_path / "Grade.csv", newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    slides = {split: {r[1] for r in rows if r[0].startswith(split + "_")} for split in ("train", "testA", "testB")}
+    assert len(slides["train"]) >= 6
+    unseen = (slides["testA"] | slides["testB"]) - slides["train"]
+    assert unseen and (slides["testA"] | slides["testB"]) & slides["train"]
+    for name, patient, _, _ in rows:  # Grade.csv names the slide the image was rendered from
+        split, index = name.rsplit("_", 1)
+        assert make_sample("glas", split, int(index), size=(64, 96), seed=2).slide == int(patient)
+
+
+def _hematoxylin(tile) -> np.ndarray:
+    """Hematoxylin concentration per pixel, unmixed with the tile's own stain."""
+    od = -np.log((tile.image.astype(np.float64) + 1.0) / 256.0).reshape(-1, 3)
+    stains = np.stack([tile.stain.h_vec, tile.stain.e_vec], axis=1)
+    return (od @ np.linalg.pinv(stains).T)[:, 0].reshape(tile.image.shape[:2]) / tile.stain.h_gain
+
+
+def test_glas_morphology_follows_the_grade():
+    tiles = [make_sample("glas", "train", i, seed=1) for i in range(1, 13)]
+    solidity: dict[str, list[float]] = {"benign": [], "malignant": []}
+    nuclear: dict[str, list[float]] = {"benign": [], "malignant": []}
+    for t in tiles:
+        solidity[t.grade] += [r.solidity for r in regionprops(t.instances) if r.area >= 300]
+        inside = t.instances > 0
+        nuclear[t.grade].append(float((_hematoxylin(t)[inside] > 0.8).mean()))
+    # malignant glands: irregular and fused (less convex), crowded stratified nuclei (more of the gland)
+    assert np.mean(solidity["malignant"]) < np.mean(solidity["benign"]) - 0.02
+    assert np.mean(nuclear["malignant"]) > 1.4 * np.mean(nuclear["benign"])
+
+
+def test_monuseg_nucleus_size_and_shape_depend_on_the_organ():
+    area: dict[str, list[float]] = {}
+    roundness: dict[str, list[float]] = {}
+    for split, n in (("train", 9), ("test", 7)):
+        for i in range(1, n + 1):
+            t = make_sample("monuseg", split, i, size=(128, 128), seed=2)
+            props = regionprops(t.instances)
+            a = np.array([r.area for r in props])
+            big = [r for r in props if r.area >= np.median(a)]
+            area.setdefault(t.organ, []).append(float(np.percentile(a, 90)))
+            roundness.setdefault(t.organ, []).append(
+                float(np.median([r.axis_minor_length / max(r.axis_major_length, 1e-6) for r in big]))
+            )
+    assert {"breast", "kidney", "colon", "liver"} <= set(area)
+    assert {"lung", "brain"} & set(area) and not {"lung", "brain"} & {
+        make_sample("monuseg", "train", i, size=(64, 64), seed=2).organ for i in range(1, 16)
+    }  # the test set holds organs the training set lacks, as in the real one
+    assert np.mean(area["breast"]) > 1.3 * np.mean(area["kidney"])
+    assert np.mean(roundness["colon"]) < np.mean(roundness["kidney"]) - 0.2
+
+
+def test_monuseg_file_names_carry_the_organ(monuseg_root):
+    for split, pairs in monuseg_pairs(monuseg_root).items():
+        samples = [make_sample("monuseg", split, i, size=MONUSEG_SIZE, seed=3) for i in range(1, len(pairs) + 1)]
+        for tif, _ in pairs:
+            image = tifffile.imread(tif)
+            (sample,) = [s for s in samples if np.array_equal(s.image, image)]
+            assert monuseg_organ(tif.stem) == sample.organ
+    assert monuseg_organ("TCGA-ZZ-0000-01Z-00-DX1") is None and monuseg_organ("train_1") is None
+
+
+def test_examples_are_small_and_reproducible(tmp_path):
+    assert main(["--out", str(tmp_path / "a"), "--examples"]) == 0
+    write_examples(tmp_path / "b")
+    for name in ("glas_examples.png", "monuseg_examples.png"):
+        data = (tmp_path / "a" / name).read_bytes()
+        assert data == (tmp_path / "b" / name).read_bytes()
+        assert len(data) < 300_000
+        with Image.open(tmp_path / "a" / name) as im:
+            assert im.size[0] >= 3 * 64 and im.size[1] >= 2 * 64
+    assert not (tmp_path / "a" / "GlaS").exists()

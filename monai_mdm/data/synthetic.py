@@ -1,8 +1,11 @@
 """Deterministic synthetic H&E-like histology tiles written in the official GlaS and MoNuSeg layouts.
 
 The tiles are rendered with a Beer-Lambert stain model: two concentration maps (hematoxylin, eosin)
-are turned into optical density with per-tile jittered stain vectors and then into RGB, then
-blurred and given sensor noise. Labelled structures are built as polygons first and the picture is
+are turned into optical density with stain vectors and then into RGB, then blurred and given sensor
+noise. Images vary between cases as in the real sets (``docs/synthetic_data.md``): each GlaS slide
+(patient) has its own stain and gland size, some slides only give test images, the grade drives the
+gland morphology, and blur, tissue folds, tissue edges and fat vary per image; each MoNuSeg tile has
+its own stain and an organ (named by the TCGA site code of its file name) setting its nuclei. Labelled structures are built as polygons first and the picture is
 painted from them, so the instance maps are exact: MoNuSeg nuclei are rasterised with
 ``skimage.draw.polygon`` from the very vertices written to the XML (snapped to a 1/4-pixel grid, so
 the text round-trips exactly), hence a reader that rasterises the XML the same way gets the same
@@ -35,13 +38,17 @@ import tifffile
 from PIL import Image
 from scipy import ndimage as ndi
 from skimage.draw import polygon as draw_polygon
+from skimage.measure import find_contours
+from skimage.segmentation import find_boundaries
 
 __all__ = [
     "GLAS_GRADE_HEADER",
+    "MONUSEG_ORGANS",
     "MONUSEG_TEST_DIR",
     "MONUSEG_TRAIN_DIR",
     "SyntheticTile",
     "make_sample",
+    "monuseg_organ",
     "synthesize_tile",
     "write_demo_data",
     "write_glas",
@@ -87,12 +94,18 @@ class SyntheticTile:
             ``polygons[k - 1]``; GlaS glands are filled by a scanline rule that can differ from it
             on boundary pixels (their ground truth is the annotation image, not the polygon).
         grade: ``"benign"`` or ``"malignant"`` for GlaS tiles, ``None`` for MoNuSeg tiles.
+        stain: the stain the image was rendered with (its slide's, with per-image jitter).
+        slide: GlaS patient / slide number (the ``patient ID`` of ``Grade.csv``); ``None`` otherwise.
+        organ: MoNuSeg organ (a key of :data:`MONUSEG_ORGANS`); ``None`` for GlaS tiles.
     """
 
     image: np.ndarray
     instances: np.ndarray
     polygons: list[np.ndarray] = field(default_factory=list)
     grade: str | None = None
+    stain: _Stain | None = None
+    slide: int | None = None
+    organ: str | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,26 +308,57 @@ class _Stain:
     h_gain: float
     e_gain: float
     background: np.ndarray
-    blur: float
-    noise: float
+    blur: float = 0.7
+    noise: float = 3.0
 
 
-def _random_stain(rng: np.random.Generator) -> _Stain:
-    """Per-tile stain appearance: jittered stain vectors and strengths, slide background, blur."""
+def _unit(vec: np.ndarray) -> np.ndarray:
+    out = np.clip(vec, 0.02, None)
+    return (out / np.linalg.norm(out)).astype(np.float32)
 
-    def jitter(vec: np.ndarray, amount: float) -> np.ndarray:
-        out = np.clip(vec + rng.normal(0.0, amount, 3).astype(np.float32), 0.02, None)
-        return (out / np.linalg.norm(out)).astype(np.float32)
 
+def _slide_stain(rng: np.random.Generator) -> _Stain:
+    """Stain of one slide: H and E vectors drawn around the reference ones, and their strengths.
+
+    Slides of one data set differ in hue (the vectors turn by up to ~10 degrees) and in intensity
+    (under- to over-stained: each stain's strength spans ~0.55x-1.6x), as between labs and batches.
+    """
     return _Stain(
-        h_vec=jitter(_H_OD, 0.05),
-        e_vec=jitter(_E_OD, 0.05),
-        h_gain=float(rng.uniform(0.8, 1.2)),
-        e_gain=float(rng.uniform(0.7, 1.25)),
-        background=np.abs(rng.normal(0.04, 0.02, 3)).astype(np.float32),
-        blur=float(rng.uniform(0.5, 0.9)),
+        h_vec=_unit(_H_OD + rng.normal(0.0, 0.09, 3)),
+        e_vec=_unit(_E_OD + rng.normal(0.0, 0.09, 3)),
+        h_gain=float(np.exp(rng.uniform(np.log(0.55), np.log(1.6)))),
+        e_gain=float(np.exp(rng.uniform(np.log(0.5), np.log(1.5)))),
+        background=np.abs(rng.normal(0.05, 0.03, 3)).astype(np.float32),
+    )
+
+
+def _image_stain(rng: np.random.Generator, slide: _Stain) -> _Stain:
+    """One image of a slide: the slide's stain with small jitter, its own focus and sensor noise.
+
+    About one image in five is out of focus (blur sigma 1.2-2.4 px instead of 0.5-0.9).
+    """
+    blurred = rng.uniform() < 0.2
+    return _Stain(
+        h_vec=_unit(slide.h_vec + rng.normal(0.0, 0.012, 3)),
+        e_vec=_unit(slide.e_vec + rng.normal(0.0, 0.012, 3)),
+        h_gain=slide.h_gain * float(np.exp(rng.normal(0.0, 0.05))),
+        e_gain=slide.e_gain * float(np.exp(rng.normal(0.0, 0.05))),
+        background=np.clip(slide.background + rng.normal(0.0, 0.005, 3), 0.0, None).astype(np.float32),
+        blur=float(rng.uniform(1.2, 2.4) if blurred else rng.uniform(0.5, 0.9)),
         noise=float(rng.uniform(2.0, 4.5)),
     )
+
+
+@dataclass
+class _Slide:
+    """What the images of one GlaS slide (patient) share: the stain and the gland size."""
+
+    stain: _Stain
+    gland_scale: float
+
+
+def _random_slide(rng: np.random.Generator) -> _Slide:
+    return _Slide(_slide_stain(rng), float(np.exp(rng.uniform(np.log(0.8), np.log(1.25)))))
 
 
 def _compose(rng: np.random.Generator, hema: np.ndarray, eosin: np.ndarray, stain: _Stain) -> np.ndarray:
@@ -341,7 +385,7 @@ def _stroma(rng: np.random.Generator, shape: tuple[int, int]) -> tuple[np.ndarra
     low = _smooth_noise(rng, shape, short / 8.0)
     mid = _smooth_noise(rng, shape, 2.0)
     eosin = rng.uniform(0.45, 0.75) * (0.75 + 0.1 * low + 0.5 * fib + 0.05 * mid)
-    hema = rng.uniform(0.05, 0.12) * (1.0 + 0.3 * mid)
+    hema = rng.uniform(0.05, 0.16) * (1.0 + 0.3 * mid)
     gaps_field = 0.8 * _smooth_noise(rng, shape, short / 14.0) - 0.6 * fib
     gap = np.clip((gaps_field - rng.uniform(0.8, 1.5)) / 0.4, 0.0, 1.0)
     eosin = eosin * (1.0 - 0.85 * gap)
@@ -399,141 +443,177 @@ def _stromal_cells(
 # GlaS-like tiles
 
 
-def _gland_tile(rng: np.random.Generator, shape: tuple[int, int], grade: str) -> SyntheticTile:
+def _grid_pick(rng: np.random.Generator, mask: np.ndarray, cell: float) -> tuple[np.ndarray, np.ndarray]:
+    """One random pixel of ``mask`` per cell of a randomly shifted grid: evenly spread points."""
+    yy, xx = np.nonzero(mask)
+    if yy.size == 0:
+        return np.zeros(0), np.zeros(0)
+    oy, ox = rng.uniform(0.0, cell, 2)
+    key = ((yy + oy) // cell).astype(np.int64) * 1_000_003 + ((xx + ox) // cell).astype(np.int64)
+    order = rng.permutation(yy.size)
+    pick = order[np.unique(key[order], return_index=True)[1]]
+    jitter = rng.uniform(-0.5, 0.5, (2, pick.size))
+    return yy[pick] + jitter[0], xx[pick] + jitter[1]
+
+
+def _band(rng: np.random.Generator, shape: tuple[int, int], wobble: float) -> np.ndarray:
+    """Signed distance (pixels) to a random wavy line crossing the tile."""
     h, w = shape
-    malignant = grade == "malignant"
-    stain = _random_stain(rng)
-    hema, eosin, orientation = _stroma(rng, shape)
-    mid = _smooth_noise(rng, shape, 2.0)
-    chromatin = _chromatin(rng, shape)
+    theta = rng.uniform(0.0, np.pi)
+    cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    d = (yy - cy) * np.cos(theta) - (xx - cx) * np.sin(theta)
+    return d + wobble * _smooth_noise(rng, shape, min(shape) / 4.0)
 
-    instances = np.zeros(shape, np.int32)
-    keep_out = np.zeros(shape, bool)  # glands grown by a margin, so glands never touch
-    lumen = np.zeros(shape, bool)
-    polygons: list[np.ndarray] = []
-    nuc: dict[str, list[np.ndarray]] = {k: [] for k in ("cy", "cx", "a", "b", "phi", "s", "ves", "label")}
-    gob: dict[str, list[np.ndarray]] = {k: [] for k in ("cy", "cx", "a", "b", "phi", "label")}
 
+def _glas_tissue(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """Tissue mask: ~30% of images reach the tissue edge, leaving 8-35% of white glass."""
+    if rng.uniform() >= 0.3:
+        return np.ones(shape, bool)
+    d = _band(rng, shape, 0.08 * min(shape))
+    return d < np.quantile(d, 1.0 - rng.uniform(0.08, 0.35))
+
+
+def _fold(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """Optical-density factor of a tissue fold (doubled tissue): ~1 off the fold, 1.6-2.0 on it."""
+    width = rng.uniform(5.0, 0.12 * min(shape) + 6.0)
+    d = np.abs(_band(rng, shape, 0.05 * min(shape)))
+    return 1.0 + rng.uniform(0.6, 1.0) * np.clip((width / 2 - d) / 1.5, 0.0, 1.0)
+
+
+def _place_glands(
+    rng: np.random.Generator, shape: tuple[int, int], malignant: bool, scale: float, keep_out: np.ndarray
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Gland instance map: benign = single smooth round/oval blobs (sometimes budding in two);
+    malignant = irregular blobs fused from 1-4 lobes, more of the tile covered.
+
+    ``keep_out`` (glass, margins around placed glands) is updated in place.
+    """
+    h, w = shape
     short = min(h, w)
-    coverage_target = rng.uniform(0.35, 0.55) if malignant else rng.uniform(0.3, 0.48)
-    n_vertices = 40
+    instances = np.zeros(shape, np.int32)
+    outlines: list[np.ndarray] = []
+    coverage_target = (rng.uniform(0.35, 0.6) if malignant else rng.uniform(0.25, 0.45)) * (~keep_out).mean()
+    margin = (2.0 if malignant else 3.0) + 0.02 * short
+    min_area = min(150.0, 0.01 * h * w)
     covered = 0
     for attempt in range(61):
-        if covered >= coverage_target * h * w or len(polygons) >= 250 or (attempt == 60 and polygons):
+        if covered >= coverage_target * h * w or len(outlines) >= 250 or (attempt == 60 and outlines):
             break
         fallback = attempt == 60  # nothing fitted (a tiny tile): one gland in the middle, always
         if fallback:
-            a, irregular = 0.3 * short, 0.05
+            lobes, a0, irregular = 1, 0.3 * short, 0.05
         elif malignant:
-            a = short * rng.uniform(0.12, 0.3)
-            irregular = rng.uniform(0.15, 0.35)
+            lobes = int(rng.integers(1, 5))
+            a0, irregular = short * scale * rng.uniform(0.08, 0.2), rng.uniform(0.15, 0.4)
         else:
-            a = short * rng.uniform(0.1, 0.22)
-            irregular = rng.uniform(0.04, 0.14)
-        b = a / (1.2 if fallback else rng.uniform(1.0, 1.9))
+            lobes = 2 if rng.uniform() < 0.15 else 1
+            a0, irregular = short * scale * rng.uniform(0.07, 0.19), rng.uniform(0.03, 0.12)
         cy = 0.5 * h if fallback else rng.uniform(-0.05 * h, 1.05 * h)
         cx = 0.5 * w if fallback else rng.uniform(-0.05 * w, 1.05 * w)
-        y, x = _blob_vertices(rng, cy, cx, a, b, rng.uniform(0.0, np.pi), irregular, n_vertices)
-        y, x = _snap(y[0], h - 1.0), _snap(x[0], w - 1.0)
-        gland = _fill_polygon(y, x, shape)
+        if not fallback and keep_out[int(np.clip(cy, 0, h - 1)), int(np.clip(cx, 0, w - 1))]:
+            continue  # centre already taken: skip drawing it
+        gland = np.zeros(shape, bool)
+        margins = []
+        for lobe in range(lobes):
+            a = a0 if lobe == 0 else a0 * rng.uniform(0.5, 1.0)
+            if lobe:  # next lobe overlaps the previous one, so the union stays one gland
+                step, turn = a0 * rng.uniform(0.6, 1.1), rng.uniform(0.0, 2.0 * np.pi)
+                cy, cx = cy + step * np.sin(turn), cx + step * np.cos(turn)
+            b = a / (1.2 if fallback else rng.uniform(1.0, 2.0))
+            y, x = _blob_vertices(rng, cy, cx, a, b, rng.uniform(0.0, np.pi), irregular, 40)
+            y, x = _snap(y[0], h - 1.0), _snap(x[0], w - 1.0)
+            gland |= _fill_polygon(y, x, shape)
+            margins.append(_offset_radially(y, x, cy, cx, margin))
         area = int(gland.sum())
-        if not fallback and (area < 150 or (gland & keep_out).any() or ndi.label(gland)[1] != 1):
+        if not fallback and (area < min_area or (gland & keep_out).any() or ndi.label(gland)[1] != 1):
             continue
-        label = len(polygons) + 1
-        instances[gland] = label
+        if fallback:
+            gland &= instances == 0
+        instances[gland] = len(outlines) + 1
         covered += area
-        polygons.append(np.stack([x, y], axis=1))
-        keep_out |= _fill_polygon(*_offset_radially(y, x, cy, cx, 3.0 + 0.02 * short), shape)
+        for my, mx in margins:
+            keep_out |= _fill_polygon(my, mx, shape)
+        contour = max(find_contours(np.pad(gland, 1).astype(np.float32), 0.5), key=len)
+        outlines.append(np.stack([contour[:, 1] - 1.0, contour[:, 0] - 1.0], axis=1))
+    return instances, outlines
 
-        # epithelial rim and lumen: the lumen is the polygon pulled inwards by the rim thickness
-        radius = np.hypot(y - cy, x - cx)
-        t = np.linspace(0.0, 2.0 * np.pi, n_vertices, endpoint=False)
-        frac = (rng.uniform(0.45, 0.75) if malignant else rng.uniform(0.3, 0.45)) * (
-            1.0 + 0.2 * np.sin(t * rng.integers(1, 4) + rng.uniform(0.0, 2.0 * np.pi))
-        )
-        thick = np.maximum(frac * radius, 6.0)
-        lumen |= _fill_polygon(*_offset_radially(y, x, cy, cx, -thick), shape) & gland
 
-        # nuclei sampled along the boundary, long axis pointing to the centre
-        closed_x, closed_y, closed_t = np.append(x, x[0]), np.append(y, y[0]), np.append(thick, thick[0])
-        arclen = np.concatenate([[0.0], np.cumsum(np.hypot(np.diff(closed_x), np.diff(closed_y)))])
-        spacing = rng.uniform(2.6, 3.4)
-        pos = np.arange(rng.uniform(0, spacing), arclen[-1], spacing)
-        m = pos.size
-        if m == 0:
-            continue
-        by, bx, bt = (np.interp(pos, arclen, c) for c in (closed_y, closed_x, closed_t))
-        dy, dx = cy - by, cx - bx
-        dist = np.hypot(dy, dx) + 1e-6
-        ny, nx = dy / dist, dx / dist
-        if malignant:
-            a_n, b_n = rng.uniform(2.6, 4.8, m), rng.uniform(1.8, 3.2, m)
-            depth = a_n + 1.0 + rng.uniform(0.0, 1.0, m) ** 1.5 * np.maximum(bt - 2.0 * a_n - 1.0, 0.0)
-            strength, ves = rng.uniform(1.1, 1.6, m), rng.uniform(0.1, 0.4, m)
-            phi_n = np.arctan2(ny, nx) + rng.normal(0.0, 0.6, m)
-        else:
-            a_n, b_n = rng.uniform(2.6, 4.0, m), rng.uniform(1.1, 1.7, m)
-            depth = a_n + 1.0 + np.abs(rng.normal(0.0, 0.5, m))
-            strength, ves = rng.uniform(1.0, 1.4, m), np.zeros(m)
-            phi_n = np.arctan2(ny, nx) + rng.normal(0.0, 0.12, m)
-        for key, val in zip(
-            nuc, (by + ny * depth, bx + nx * depth, a_n, b_n, phi_n, strength, ves, np.full(m, label)), strict=True
-        ):
-            nuc[key].append(val)
-        if not malignant:
-            # goblet cells: mucin vacuoles between the nuclei and the lumen
-            g = rng.uniform(size=m) < rng.uniform(0.3, 0.6)
-            g_depth = 2.0 * a_n + 0.5 * np.maximum(bt - 2.0 * a_n, 0.0)
-            g_a = np.clip(0.35 * bt, 2.0, 4.5)
-            for key, val in zip(
-                gob,
-                (by + ny * g_depth, bx + nx * g_depth, g_a, g_a * 0.7, np.arctan2(ny, nx), np.full(m, label)),
-                strict=True,
-            ):
-                gob[key].append(val[g])
+def _gland_tile(rng: np.random.Generator, shape: tuple[int, int], grade: str, slide: _Slide) -> SyntheticTile:
+    h, w = shape
+    malignant = grade == "malignant"
+    stain = _image_stain(rng, slide.stain)
+    hema, eosin, orientation = _stroma(rng, shape)
+    mid = _smooth_noise(rng, shape, 2.0)
+    chromatin = _chromatin(rng, shape)
+    tissue = _glas_tissue(rng, shape)
 
-    rim = (instances > 0) & ~lumen
+    # gland size varies per slide (patient) and per image (cut, field of view)
+    scale = slide.gland_scale * float(np.exp(rng.uniform(np.log(0.7), np.log(1.45))))
+    keep_out = ndi.binary_dilation(~tissue, iterations=3) if not tissue.all() else np.zeros(shape, bool)
+    instances, polygons = _place_glands(rng, shape, malignant, scale, keep_out)
+    n = len(polygons)
+    inside = instances > 0
+    dist = ndi.distance_transform_edt(inside).astype(np.float32)  # glands never touch
+    grad_y, grad_x = np.gradient(dist)
+
+    # epithelium thickness per gland (a little wavy); the lumen is what lies deeper
+    thick = rng.uniform(8.0, 16.0, n + 1) if malignant else rng.uniform(6.0, 10.0, n + 1)
+    thick_map = thick[instances] * (1.0 + 0.2 * _smooth_noise(rng, shape, 6.0))
+    lumen = inside & (dist > thick_map)
+    if malignant:
+        # per gland: open, cribriform (several small lumina in an epithelial sheet) or barely any lumen
+        mode = rng.choice(3, n + 1, p=[0.35, 0.4, 0.25])[instances]
+        holes = _smooth_noise(rng, shape, rng.uniform(2.5, 4.0)) > 0.7
+        cribriform = inside & (dist > 0.5 * thick_map) & holes
+        slit = inside & (dist > 1.7 * thick_map) & (_smooth_noise(rng, shape, 3.0) > 0.3)
+        lumen = np.select([mode == 1, mode == 2], [cribriform, slit], lumen)
+    rim = inside & ~lumen
+
+    # nuclei: benign = one basal palisade, long axes towards the centre; malignant = crowded,
+    # enlarged, pleomorphic and stratified through the whole epithelium
+    if malignant:
+        ny, nx = _grid_pick(rng, rim & (dist > 2.0), rng.uniform(4.0, 5.5))
+        m = ny.size
+        a_n, b_n = rng.uniform(2.6, 5.0, m), rng.uniform(1.8, 3.4, m)
+        strength, ves, spread = rng.uniform(1.1, 1.6, m), rng.uniform(0.1, 0.45, m), 0.6
+    else:
+        depth = rng.uniform(3.5, 5.0)
+        ny, nx = _grid_pick(rng, rim & (np.abs(dist - depth) < 0.75), rng.uniform(2.8, 3.6))
+        m = ny.size
+        a_n, b_n = rng.uniform(2.6, 4.0, m), rng.uniform(1.1, 1.7, m)
+        strength, ves, spread = rng.uniform(1.0, 1.4, m), np.zeros(m), 0.12
+    iy, ix = np.clip(ny.astype(np.intp), 0, h - 1), np.clip(nx.astype(np.intp), 0, w - 1)
+    phi = np.arctan2(grad_y[iy, ix], grad_x[iy, ix]) + rng.normal(0.0, spread, m)
     nuclei = np.zeros(shape, np.float32)
-    if nuc["cy"]:
-        n_all = {k: np.concatenate(v) for k, v in nuc.items()}
+    _paint_ellipses(
+        rng, nuclei, ny, nx, a_n, b_n, phi, strength, irregularity=0.06, vesicular=ves,
+        allowed=instances, allowed_value=instances[iy, ix],
+    )
+    goblet_mask = np.zeros(shape, bool)
+    if not malignant:
+        # goblet cells: mucin vacuoles between the nuclei and the lumen
+        gy, gx = _grid_pick(rng, rim & (dist > depth + 3.5) & (dist < thick_map - 1.0), rng.uniform(4.5, 6.5))
+        keep = rng.uniform(size=gy.size) < rng.uniform(0.3, 0.7)
+        gy, gx = gy[keep], gx[keep]
+        g_a = rng.uniform(2.0, 4.0, gy.size)
+        goblet = np.zeros(shape, np.float32)
+        jy, jx = np.clip(gy.astype(np.intp), 0, h - 1), np.clip(gx.astype(np.intp), 0, w - 1)
         _paint_ellipses(
-            rng,
-            nuclei,
-            n_all["cy"],
-            n_all["cx"],
-            n_all["a"],
-            n_all["b"],
-            n_all["phi"],
-            n_all["s"],
-            irregularity=0.06,
-            vesicular=n_all["ves"],
-            allowed=instances,
-            allowed_value=n_all["label"],
+            rng, goblet, gy, gx, g_a, 0.7 * g_a, np.arctan2(grad_y[jy, jx], grad_x[jy, jx]), np.ones(gy.size),
+            irregularity=0.05, allowed=instances, allowed_value=instances[jy, jx],
         )
-    goblet = np.zeros(shape, np.float32)
-    if gob["cy"]:
-        g_all = {k: np.concatenate(v) for k, v in gob.items()}
-        _paint_ellipses(
-            rng,
-            goblet,
-            g_all["cy"],
-            g_all["cx"],
-            g_all["a"],
-            g_all["b"],
-            g_all["phi"],
-            np.ones(g_all["cy"].size),
-            irregularity=0.05,
-            allowed=instances,
-            allowed_value=g_all["label"],
-        )
-    goblet_mask = (goblet > 0) & rim & (nuclei == 0)
-    # stroma around carcinoma is more cellular (inflammation, desmoplasia)
-    density = rng.uniform(1 / 300, 1 / 140) if malignant else rng.uniform(1 / 500, 1 / 250)
-    _stromal_cells(rng, nuclei, orientation, ~keep_out, density=density)
+        goblet_mask = (goblet > 0) & rim & (nuclei == 0)
+    stroma = ~keep_out & tissue
+    # stromal cellularity varies a lot between cases (sparse fibrous stroma to a lamina propria
+    # crowded with inflammatory cells); around carcinoma it is more cellular (desmoplasia)
+    density = float(np.exp(rng.uniform(np.log(1 / 450), np.log(1 / 55)))) * (1.5 if malignant else 1.0)
+    _stromal_cells(rng, nuclei, orientation, stroma, density=density)
 
-    # glandular appearance: purple-pink cytoplasm, pale lumen with a little secretion
-    cyto_e = rng.uniform(0.25, 0.4) * (1.25 if malignant else 1.0)
-    cyto_h = rng.uniform(0.15, 0.28) * (1.4 if malignant else 1.0)
+    # glandular appearance: purple-pink cytoplasm, from clearly bluer than the stroma to nearly
+    # the same colour (cases differ); pale lumen with a little secretion
+    cyto_e = rng.uniform(0.25, 0.55) * (1.15 if malignant else 1.0)
+    cyto_h = rng.uniform(0.1, 0.28) * (1.3 if malignant else 1.0)
     eosin = np.where(rim, cyto_e * (1.0 + 0.2 * mid), eosin)
     hema = np.where(rim, cyto_h * (1.0 + 0.25 * mid), hema)
     secretion = np.clip(_smooth_noise(rng, shape, 3.0) - 0.8, 0.0, None)
@@ -546,43 +626,135 @@ def _gland_tile(rng: np.random.Generator, shape: tuple[int, int], grade: str) ->
         debris = lumen & (_smooth_noise(rng, shape, 1.2) > 1.8)
         hema = np.where(debris, 0.6, hema)
         eosin = np.where(debris, 0.5, eosin)
-
     hema = hema + nuclei * (1.0 + 0.3 * chromatin)
+
+    if rng.uniform() < 0.3:
+        # fat: clusters of large empty adipocytes in the stroma, thin septa between them
+        r = rng.uniform(7.0, 15.0)
+        centre = rng.uniform((0, 0), (h, w))
+        yy, xx = np.ogrid[0:h, 0:w]
+        region = stroma & (np.hypot(yy - centre[0], xx - centre[1]) < rng.uniform(0.2, 0.45) * max(h, w))
+        fy, fx = _grid_pick(rng, region, 2.0 * r + 2.0)
+        fat = np.zeros(shape, np.float32)
+        _paint_ellipses(
+            rng, fat, fy, fx, np.full(fy.size, r), r * rng.uniform(0.75, 1.0, fy.size), rng.uniform(0, np.pi, fy.size),
+            np.ones(fy.size), irregularity=0.08, allowed=stroma,
+        )
+        hema = np.where(fat > 0, 0.01, hema)
+        eosin = np.where(fat > 0, 0.02, eosin)
+    hema = np.where(tissue, hema, 0.0)
+    eosin = np.where(tissue, eosin, 0.0)
+    if rng.uniform() < 0.25:
+        fold = np.where(tissue, _fold(rng, shape), 1.0)
+        hema, eosin = hema * fold, eosin * fold
     image = _compose(rng, hema, eosin, stain)
-    return SyntheticTile(image=image, instances=instances, polygons=polygons, grade=grade)
+    return SyntheticTile(image=image, instances=instances, polygons=polygons, grade=grade, stain=stain)
 
 
 # ----------------------------------------------------------------------------------------------
 # MoNuSeg-like tiles
 
 
+@dataclass(frozen=True)
+class _Organ:
+    """Nucleus morphology of one organ (MoNuSeg tiles); lengths in pixels of the 250 px tiles.
+
+    ``radius``: long semi-axis of epithelial/tumour nuclei; ``aspect``: short/long axis;
+    ``cover``: fraction of the tile that nuclei cover; ``sheet``: fraction of the tile that is
+    epithelium/tumour; ``touch``: how far the bounding circles of neighbours may overlap (touching,
+    crowded nuclei); ``cytoplasm``: (eosin, hematoxylin) of the epithelial cytoplasm;
+    ``sites``: TCGA tissue-source-site codes of that organ used in MoNuSeg file names.
+    """
+
+    radius: tuple[float, float]
+    aspect: tuple[float, float]
+    cover: tuple[float, float]
+    sheet: tuple[float, float]
+    vesicular: tuple[float, float]
+    touch: float
+    cytoplasm: tuple[float, float]
+    sites: tuple[str, ...]
+
+
+MONUSEG_ORGANS: dict[str, _Organ] = {
+    # large pleomorphic carcinoma nuclei, open chromatin
+    "breast": _Organ(
+        (4.5, 7.5), (0.65, 0.95), (0.18, 0.3), (0.4, 0.8), (0.25, 0.5), 0.35, (0.32, 0.22), ("A7", "AR", "E2", "AC")
+    ),
+    # clear-cell carcinoma: small round nuclei, pale cytoplasm, sparse
+    "kidney": _Organ(
+        (3.2, 4.8), (0.8, 1.0), (0.1, 0.18), (0.5, 0.85), (0.1, 0.3), 0.1, (0.12, 0.08), ("B0", "HE", "2Z")
+    ),
+    # hepatocytes: round nuclei with a nucleolus, eosin-rich cytoplasm, sparse
+    "liver": _Organ(
+        (3.8, 5.2), (0.85, 1.0), (0.08, 0.15), (0.6, 0.9), (0.3, 0.5), 0.0, (0.5, 0.18), ("18", "38", "49", "50")
+    ),
+    # acinar adenocarcinoma: medium round-oval nuclei
+    "prostate": _Organ(
+        (3.5, 5.5), (0.7, 0.95), (0.12, 0.22), (0.35, 0.7), (0.15, 0.4), 0.2, (0.3, 0.2), ("G9", "CH", "EJ")
+    ),
+    # urothelial carcinoma: crowded oval nuclei
+    "bladder": _Organ(
+        (4.0, 6.0), (0.6, 0.9), (0.2, 0.32), (0.5, 0.85), (0.1, 0.35), 0.45, (0.3, 0.26), ("DK", "G2", "ZF")
+    ),
+    # colorectal adenocarcinoma: elongated pencil-like, crowded stratified nuclei
+    "colon": _Organ(
+        (5.0, 8.0), (0.35, 0.6), (0.18, 0.28), (0.4, 0.75), (0.05, 0.25), 0.4, (0.3, 0.25), ("AY", "NH", "A6")
+    ),
+    # gastric adenocarcinoma: medium, variably elongated
+    "stomach": _Organ(
+        (3.5, 6.0), (0.5, 0.85), (0.14, 0.24), (0.35, 0.7), (0.1, 0.35), 0.3, (0.28, 0.22), ("KB", "RD")
+    ),
+    # lung carcinoma (test only in the real set): large, pleomorphic
+    "lung": _Organ(
+        (4.5, 7.0), (0.6, 0.95), (0.15, 0.28), (0.3, 0.7), (0.2, 0.45), 0.3, (0.3, 0.2), ("44", "69")
+    ),
+    # glioma (test only in the real set): small-medium glial nuclei scattered in pink neuropil
+    "brain": _Organ(
+        (3.0, 4.5), (0.6, 0.95), (0.07, 0.14), (0.85, 1.0), (0.0, 0.2), 0.1, (0.35, 0.1), ("HT",)
+    ),
+}
+# the real training set: 6 images each of breast, kidney, liver, prostate; 2 of bladder, colon,
+# stomach; its test set holds organs the training set lacks (lung, brain)
+_MONUSEG_TRAIN_ORGANS = ("breast", "kidney", "liver", "prostate", "bladder", "colon", "stomach")
+_MONUSEG_TEST_ORGANS = ("breast", "kidney", "prostate", "bladder", "colon", "lung", "brain")
+_MONUSEG_TRAIN_WEIGHTS = (6, 6, 6, 6, 2, 2, 2)
+
+
+def monuseg_organ(name: str) -> str | None:
+    """Organ of a MoNuSeg image from the tissue-source-site field of its TCGA name, ``None`` if unknown."""
+    parts = Path(str(name)).name.split("-")
+    site = parts[1] if len(parts) > 2 and parts[0] == "TCGA" else None
+    return next((organ for organ, o in MONUSEG_ORGANS.items() if site in o.sites), None)
+
+
 def _place_nuclei(
-    rng: np.random.Generator, shape: tuple[int, int], sheet: np.ndarray
+    rng: np.random.Generator, shape: tuple[int, int], sheet: np.ndarray, organ: _Organ
 ) -> tuple[np.ndarray, list[np.ndarray], dict[str, np.ndarray]]:
-    """Non-overlapping nucleus polygons, rasterised into an instance map.
+    """Nucleus polygons that share no pixel, rasterised into an instance map.
 
     Candidates are drawn in bulk and accepted greedily when their bounding circle (which contains
-    every rasterised pixel centre) keeps a one-pixel gap to all accepted ones, so each accepted
-    polygon is rasterised exactly once.
+    every rasterised pixel centre) overlaps no accepted one by more than the organ allows and their
+    pixels are free, so each accepted polygon is rasterised exactly once; neighbours may touch.
     """
     h, w = shape
     scale = rng.uniform(0.85, 1.2)
-    n_cand = max(int(h * w / 40), 64)
+    n_cand = max(int(h * w / 30), 64)
     n_vertices = 16
     cy = rng.uniform(-2.0, h + 1.0, n_cand)
     cx = rng.uniform(-2.0, w + 1.0, n_cand)
     in_sheet = sheet[np.clip(cy, 0, h - 1).astype(np.intp), np.clip(cx, 0, w - 1).astype(np.intp)]
     u = rng.uniform(size=n_cand)
-    epithelial = in_sheet & (u < 0.8)
+    epithelial = in_sheet & (u < 0.85)
     lymph = ~epithelial & (in_sheet | (u < 0.5))
     a = scale * np.select(
         [epithelial, lymph],
-        [rng.uniform(4.0, 7.0, n_cand), rng.uniform(2.6, 3.6, n_cand)],
+        [rng.uniform(*organ.radius, n_cand), rng.uniform(2.6, 3.6, n_cand)],
         rng.uniform(5.0, 8.0, n_cand),
     )
     b = np.select(
         [epithelial, lymph],
-        [a * rng.uniform(0.65, 0.95, n_cand), a * rng.uniform(0.85, 1.0, n_cand)],
+        [a * rng.uniform(*organ.aspect, n_cand), a * rng.uniform(0.85, 1.0, n_cand)],
         scale * rng.uniform(1.6, 2.4, n_cand),
     )
     irregular = np.select([epithelial, lymph], [0.12, 0.06], 0.08)
@@ -591,14 +763,14 @@ def _place_nuclei(
         [rng.uniform(0.8, 1.2, n_cand), rng.uniform(1.3, 1.7, n_cand)],
         rng.uniform(1.0, 1.4, n_cand),
     )
-    vesicular = np.where(epithelial, rng.uniform(0.2, 0.45, n_cand), 0.0)
+    vesicular = np.where(epithelial, rng.uniform(*organ.vesicular, n_cand), 0.0)
     phi = rng.uniform(0.0, np.pi, n_cand)
     vy, vx = _blob_vertices(rng, cy, cx, a, b, phi, irregular, n_vertices)
     vy, vx = _snap(vy, h - 1.0), _snap(vx, w - 1.0)
     ry = np.hypot(vy - cy[:, None], vx - cx[:, None]).max(axis=1)
     nucleolus = rng.uniform(-0.4, 0.4, (n_cand, 2))
 
-    area_goal = rng.uniform(0.14, 0.26) * h * w
+    area_goal = rng.uniform(*organ.cover) * h * w
     instances = np.zeros(shape, np.int32)
     polygons: list[np.ndarray] = []
     chosen: list[int] = []
@@ -607,19 +779,20 @@ def _place_nuclei(
     grid: dict[tuple[int, int], list[tuple[float, float, float]]] = {}
     cy_l, cx_l, ry_l = cy.tolist(), cx.tolist(), ry.tolist()
     area = 0
+    touch = organ.touch
     for i in range(n_cand):
         if area >= area_goal:
             break
         yi, xi, ri = cy_l[i], cx_l[i], ry_l[i]
         gy, gx = int((yi + 3.0) // cell), int((xi + 3.0) // cell)
         if any(
-            (yj - yi) ** 2 + (xj - xi) ** 2 <= (rj + ri + 1.0) ** 2
+            (yj - yi) ** 2 + (xj - xi) ** 2 <= (rj + ri + 1.0 - touch * min(ri, rj)) ** 2
             for key in ((gy + dy, gx + dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
             for yj, xj, rj in grid.get(key, ())
         ):
             continue
         rr, cc = draw_polygon(vy[i], vx[i], shape=shape)
-        if rr.size < 6:
+        if rr.size < 6 or (touch and instances[rr, cc].any()):
             continue
         chosen.append(i)
         grid.setdefault((gy, gx), []).append((yi, xi, ri))
@@ -661,19 +834,23 @@ def _shade_nuclei(instances: np.ndarray, props: dict[str, np.ndarray]) -> np.nda
     return out
 
 
-def _nuclei_tile(rng: np.random.Generator, shape: tuple[int, int]) -> SyntheticTile:
+def _nuclei_tile(rng: np.random.Generator, shape: tuple[int, int], organ: str) -> SyntheticTile:
+    """One MoNuSeg-like tile; every tile is a slide of its own (a different patient and site)."""
     h, w = shape
-    stain = _random_stain(rng)
+    spec = MONUSEG_ORGANS[organ]
+    stain = _image_stain(rng, _slide_stain(rng))
     hema, eosin, _ = _stroma(rng, shape)
     mid = _smooth_noise(rng, shape, 2.0)
     chromatin = _chromatin(rng, shape)
 
-    # epithelial sheets (purple cytoplasm, dense large nuclei) inside stroma
-    sheet = _smooth_noise(rng, shape, min(shape) / 7.0) > rng.uniform(-0.4, 0.5)
-    eosin = np.where(sheet, rng.uniform(0.28, 0.42) * (1.0 + 0.15 * mid), eosin)
-    hema = np.where(sheet, rng.uniform(0.15, 0.28) * (1.0 + 0.2 * mid), hema)
+    # epithelial / tumour sheets (the organ's cytoplasm, its nuclei) inside stroma
+    field = _smooth_noise(rng, shape, min(shape) / 7.0)
+    sheet = field > np.quantile(field, 1.0 - rng.uniform(*spec.sheet))
+    cyto_e, cyto_h = (c * rng.uniform(0.8, 1.2) for c in spec.cytoplasm)
+    eosin = np.where(sheet, cyto_e * (1.0 + 0.15 * mid), eosin)
+    hema = np.where(sheet, cyto_h * (1.0 + 0.2 * mid), hema)
 
-    instances, polygons, props = _place_nuclei(rng, shape, sheet)
+    instances, polygons, props = _place_nuclei(rng, shape, sheet, spec)
 
     # a few unlabelled red blood cells in the stroma
     n_groups = int(rng.integers(0, 3))
@@ -700,13 +877,20 @@ def _nuclei_tile(rng: np.random.Generator, shape: tuple[int, int]) -> SyntheticT
 
     hema = hema + _shade_nuclei(instances, props) * (1.0 + 0.3 * chromatin)
     image = _compose(rng, hema, eosin, stain)
-    return SyntheticTile(image=image, instances=instances, polygons=polygons, grade=None)
+    return SyntheticTile(image=image, instances=instances, polygons=polygons, stain=stain, organ=organ)
 
 
 # public rendering API
 
 
-def _render(size: Sequence[int], rng: np.random.Generator, kind: str, grade: str | None) -> SyntheticTile:
+def _render(
+    size: Sequence[int],
+    rng: np.random.Generator,
+    kind: str,
+    grade: str | None,
+    slide: _Slide | None = None,
+    organ: str | None = None,
+) -> SyntheticTile:
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
     h, w = (int(size[0]), int(size[1]))
@@ -717,8 +901,12 @@ def _render(size: Sequence[int], rng: np.random.Generator, kind: str, grade: str
             grade = "malignant" if rng.uniform() < 0.5 else "benign"
         if grade not in ("benign", "malignant"):
             raise ValueError(f"grade must be 'benign' or 'malignant', got {grade!r}")
-        return _gland_tile(rng, (h, w), grade)
-    return _nuclei_tile(rng, (h, w))
+        return _gland_tile(rng, (h, w), grade, _random_slide(rng) if slide is None else slide)
+    if organ is None:
+        organ = _MONUSEG_TRAIN_ORGANS[int(rng.integers(len(_MONUSEG_TRAIN_ORGANS)))]
+    if organ not in MONUSEG_ORGANS:
+        raise ValueError(f"organ must be one of {tuple(MONUSEG_ORGANS)}, got {organ!r}")
+    return _nuclei_tile(rng, (h, w), organ)
 
 
 def synthesize_tile(
@@ -757,6 +945,42 @@ def _glas_grade(seed: int, split: str, index: int) -> str:
     return "malignant" if (index + phase) % 2 == 0 else "benign"
 
 
+GLAS_SLIDES = 16  # the real set: 165 images from 16 slides (patients)
+_GLAS_HELD_OUT = 4  # slides (2 benign, 2 malignant) that only test images come from
+# chance that a test image comes from a held-out slide (testA mixes, testB mostly unseen)
+_GLAS_UNSEEN = {"train": 0.0, "testA": 0.5, "testB": 0.75}
+
+
+def _glas_slides(seed: int) -> dict[str, dict[bool, list[int]]]:
+    """``{grade: {held_out: [patient ids]}}``: half the slides of each grade benign, the rest malignant."""
+    order = np.random.default_rng(np.random.SeedSequence([int(seed), 0, 99])).permutation(GLAS_SLIDES) + 1
+    half, held = GLAS_SLIDES // 2, _GLAS_HELD_OUT // 2
+    out = {}
+    for grade, ids in (("benign", order[:half]), ("malignant", order[half:])):
+        out[grade] = {True: sorted(ids[:held].tolist()), False: sorted(ids[held:].tolist())}
+    return out
+
+
+def _glas_slide(seed: int, split: str, index: int, grade: str) -> tuple[int, _Slide]:
+    """Patient id of one image and that slide's shared appearance (the same for every image of it)."""
+    pick = _sample_rng(seed, "glas", split, index, purpose=8)
+    pool = _glas_slides(seed)[grade][bool(pick.uniform() < _GLAS_UNSEEN[split])]
+    patient = int(pool[int(pick.integers(len(pool)))])
+    return patient, _random_slide(np.random.default_rng(np.random.SeedSequence([int(seed), 0, 98, patient])))
+
+
+def _monuseg_organ(seed: int, split: str, index: int) -> str:
+    """Organ of one MoNuSeg image: the training images follow the real set's organ mix (shuffled per
+    seed, cycled so a few images already span several organs); test images cycle over the test organs."""
+    rng = _sample_rng(seed, "monuseg", split, 0, purpose=6)
+    if split == "train":
+        cycle = [o for o, k in zip(_MONUSEG_TRAIN_ORGANS, _MONUSEG_TRAIN_WEIGHTS, strict=True) for _ in range(k // 2)]
+    else:
+        cycle = list(_MONUSEG_TEST_ORGANS)
+    cycle = [cycle[i] for i in rng.permutation(len(cycle))]
+    return cycle[(int(index) - 1) % len(cycle)]
+
+
 def _glas_size(rng: np.random.Generator, size: Sequence[int]) -> tuple[int, int]:
     h, w = int(size[0]), int(size[1])
     if rng.uniform() < 0.25:  # a few images differ slightly in size, as in the real set
@@ -779,9 +1003,13 @@ def make_sample(kind: str, split: str, index: int, size: Sequence[int] | None = 
     rng = _sample_rng(seed, kind, split, index)
     if kind == "glas":
         shape = _glas_size(rng, (192, 256) if size is None else size)
-        return _render(shape, rng, "glas", _glas_grade(seed, split, index))
+        grade = _glas_grade(seed, split, index)
+        patient, slide = _glas_slide(seed, split, index, grade)
+        tile = _render(shape, rng, "glas", grade, slide=slide)
+        tile.slide = patient
+        return tile
     shape = (250, 250) if size is None else (int(size[0]), int(size[1]))
-    return _render(shape, rng, "monuseg", None)
+    return _render(shape, rng, "monuseg", None, organ=_monuseg_organ(seed, split, index))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -850,28 +1078,25 @@ def write_glas(
                 raise RuntimeError(f"{name}: {n_glands} glands do not fit an 8-bit annotation")
             _write_atomic(root / f"{name}.bmp", _bmp_bytes(tile.image, "RGB"))
             _write_atomic(root / f"{name}_anno.bmp", _bmp_bytes(tile.instances.astype(np.uint8), "L"))
-            pick = _sample_rng(seed, "glas", split, index, purpose=8)
-            patient = int(pick.integers(1, 17))
+            pick = _sample_rng(seed, "glas", split, index, purpose=9)
             sub = _MALIGNANT_SUBGRADES if tile.grade == "malignant" else _BENIGN_SUBGRADES
-            rows.append((name, str(patient), tile.grade, sub[int(pick.integers(len(sub)))]))
+            rows.append((name, str(tile.slide), tile.grade, sub[int(pick.integers(len(sub)))]))
     lines = [",".join(GLAS_GRADE_HEADER)] + [",".join(r) for r in rows]
     _write_atomic(root / "Grade.csv", ("\n".join(lines) + "\n").encode("ascii"))
     return root
 
 
-def _tcga_names(seed: int, split: str, count: int, taken: set[str]) -> list[str]:
-    """Deterministic TCGA-style slide names (synthetic; not real cases)."""
-    rng = _sample_rng(seed, "monuseg", split, 0, purpose=5)
+def _tcga_name(seed: int, split: str, index: int, organ: str, taken: set[str]) -> str:
+    """A TCGA-style slide name (synthetic; not a real case) whose tissue-source-site code names the organ."""
+    rng = _sample_rng(seed, "monuseg", split, index, purpose=5)
     alphabet = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"))
-    names: list[str] = []
-    while len(names) < count:
-        tss = "".join(rng.choice(alphabet[:26], 1)) + "".join(rng.choice(alphabet, 1))
-        participant = "".join(rng.choice(alphabet, 4))
-        name = f"TCGA-{tss}-{participant}-01Z-00-DX1"
+    sites = MONUSEG_ORGANS[organ].sites
+    while True:
+        site = sites[int(rng.integers(len(sites)))]
+        name = f"TCGA-{site}-{''.join(rng.choice(alphabet, 4))}-01Z-00-DX1"
         if name not in taken:
             taken.add(name)
-            names.append(name)
-    return names
+            return name
 
 
 def _polygon_length_area(poly: np.ndarray) -> tuple[float, float]:
@@ -952,8 +1177,9 @@ def write_monuseg(
     for split, count, image_dir, xml_dir in layouts:
         image_dir.mkdir(parents=True, exist_ok=True)
         xml_dir.mkdir(parents=True, exist_ok=True)
-        for index, name in enumerate(_tcga_names(seed, split, count, taken), start=1):
+        for index in range(1, count + 1):
             tile = make_sample("monuseg", split, index, size=size, seed=seed)
+            name = _tcga_name(seed, split, index, tile.organ, taken)
             _write_atomic(image_dir / f"{name}.tif", _tiff_bytes(tile.image))
             _write_atomic(xml_dir / f"{name}.xml", monuseg_xml(tile.polygons).encode("ascii"))
     return root
@@ -996,12 +1222,43 @@ def _summarise(paths: Mapping[str, Path]) -> list[str]:
     return lines
 
 
+def _overlay(tile: SyntheticTile) -> np.ndarray:
+    """The image with the label outlines drawn in green."""
+    out = tile.image.copy()
+    out[find_boundaries(tile.instances, mode="inner")] = (0, 255, 0)
+    return out
+
+
+def write_examples(out: str | os.PathLike, seed: int = 0) -> list[Path]:
+    """Write ``glas_examples.png`` and ``monuseg_examples.png`` (2 x 3 tiles, raw above outlined).
+
+    GlaS: three training images of different slides and grades; MoNuSeg: three organs.
+    """
+    out = Path(out)
+    glas = [make_sample("glas", split, i, seed=seed) for split, i in (("train", 1), ("train", 2), ("testB", 1))]
+    monuseg = [make_sample("monuseg", "train", i, seed=seed) for i in (1, 2, 3)]
+    paths = []
+    for name, tiles, crop in (("glas_examples.png", glas, 256), ("monuseg_examples.png", monuseg, 200)):
+        h = min(crop, *(t.image.shape[0] for t in tiles))
+        w = min(crop, *(t.image.shape[1] for t in tiles))
+        rows = [np.concatenate([f(t)[:h, :w] for t in tiles], axis=1) for f in (lambda t: t.image, _overlay)]
+        buf = io.BytesIO()
+        # a 256-colour palette keeps the files small (< 300 KB) for the documentation
+        Image.fromarray(np.concatenate(rows, axis=0)).quantize(256).save(buf, format="PNG", optimize=True)
+        _write_atomic(out / name, buf.getvalue())
+        paths.append(out / name)
+    return paths
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m monai_mdm.data.synthetic",
         description="Write deterministic synthetic GlaS and MoNuSeg data in the official layouts.",
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder; GlaS/ and MoNuSeg/ go inside")
+    parser.add_argument(
+        "--examples", action="store_true", help="write only the example montages (docs/images) into --out"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-train", type=int, default=None, help="training images per data set")
     parser.add_argument(
@@ -1011,6 +1268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--monuseg-size", type=int, nargs=2, default=None, metavar=("H", "W"))
     parser.add_argument("--list", action="store_true", help="print every file written")
     args = parser.parse_args(argv)
+    if args.examples:
+        for path in write_examples(args.out, seed=args.seed):
+            print(path)
+        return 0
 
     glas_kwargs: dict = {}
     monuseg_kwargs: dict = {}
