@@ -7,7 +7,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from monai_mdm.engines import CorruptionPrepareBatch
-from monai_mdm.handlers import EMA, EarlyStopOnLoss, StopAtIteration
+from monai_mdm.handlers import EMA, StopAtIteration
 from monai_mdm.losses import reconstruction_loss
 from monai_mdm.transforms import PatchMasking
 
@@ -86,13 +86,3 @@ def test_stop_at_iteration_ends_mid_epoch():
     StopAtIteration(7).attach(engine)
     engine.run(range(5), max_epochs=10)
     assert engine.state.iteration == 7
-
-
-def test_early_stop_on_loss_waits_for_warmup_and_patience():
-    losses = iter([1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1] * 3)
-    engine = Engine(lambda e, b: {"loss": torch.tensor(next(losses))})
-    EarlyStopOnLoss(patience=2, warmup_epochs=1).attach(engine)
-    engine.run([0], max_epochs=20)
-    # epoch 2 improves (0.5), epochs 3 and 4 do not: stopped after epoch 4
-    assert engine.state.epoch == 4
-    assert engine.state.metrics["epoch_loss"] == pytest.approx(0.7)

@@ -1,6 +1,6 @@
 from .checkpoint import StopAtIteration, TrainingCheckpoint, find_latest_checkpoint
 from .ema import EMA
-from .training import EarlyStopOnLoss, HeldOutEarlyStopping, SaveModel, StopAtStep, epochs_for_steps
+from .training import HeldOutEarlyStopping, SaveModel, StopAtStep, epochs_for_steps
 from .reconstruction_grid import ReconstructionGridSaver, reconstruction_grid
 from .segmentation_report import ClassIoUReport, SegmentationReport
 from .tracking import (
@@ -22,7 +22,6 @@ __all__ = [
     "ClassIoUReport",
     "DiceReport",
     "EMA",
-    "EarlyStopOnLoss",
     "HeldOutEarlyStopping",
     "SaveModel",
     "SegmentationReport",

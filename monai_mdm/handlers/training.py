@@ -195,43 +195,6 @@ class HeldOutEarlyStopping:
         )
 
 
-class EarlyStopOnLoss:
-    """Stop when the epoch's mean training loss has not improved for ``patience`` epochs after a warm-up.
-
-    The few-shot heads have no validation set (all labels are used for training), so like the reference
-    the training loss itself is watched. The patience logic is ignite's ``EarlyStopping``. In multi-process
-    training the epoch loss is the mean over all ranks' iterations, so every rank stops at the same epoch.
-    """
-
-    def __init__(self, patience: int = 20, warmup_epochs: int = 0, min_delta: float = 0.0) -> None:
-        self.patience, self.warmup_epochs, self.min_delta = int(patience), int(warmup_epochs), float(min_delta)
-        self._sum, self._count = 0.0, 0
-        self.epoch_loss = float("inf")
-
-    def attach(self, engine: Engine) -> None:
-        stopper = EarlyStopping(self.patience, lambda _: -self.epoch_loss, engine, self.min_delta)
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._close_epoch)
-        engine.add_event_handler(
-            Events.EPOCH_COMPLETED(event_filter=lambda _, epoch: epoch > self.warmup_epochs), stopper
-        )
-
-    def _reset(self, engine: Engine) -> None:
-        self._sum, self._count = 0.0, 0
-
-    def _accumulate(self, engine: Engine) -> None:
-        out = engine.state.output
-        loss = out[0]["loss"] if isinstance(out, list) else out["loss"]
-        self._sum += float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
-        self._count += 1
-
-    def _close_epoch(self, engine: Engine) -> None:
-        total, count = sum_over_ranks([self._sum, self._count])
-        self.epoch_loss = total / max(1, count)
-        engine.state.metrics["epoch_loss"] = self.epoch_loss
-
-
 class SaveModel:
     """Write the trained model with :func:`monai_mdm.inferers.save_segmentation_model` when training ends.
 
