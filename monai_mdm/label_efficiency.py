@@ -263,8 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budgets", type=int, nargs="+", default=[1, 2, 4, 8], help="labelled images")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--pretrain-iterations", type=int, default=600)
-    parser.add_argument("--pretrain-size", type=int, default=64, help="pretraining crop size")
+    parser.add_argument("--pretrain-iterations", type=int, default=300)
+    parser.add_argument("--pretrain-size", type=int, default=48, help="pretraining crop size")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the embedded data and pretraining")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                         help="extra train.json setting for every run (e.g. --set timestep=0); repeatable")
