@@ -209,3 +209,22 @@ def test_without_held_out_pixels_training_runs_its_length_and_keeps_the_last_wei
         engine.run([0], max_epochs=4)
     assert engine.state.epoch == 4 and float(net.weight.detach()[1, 0]) == -1.0
     assert caplog.text.count("no held-out labelled pixels") == 1
+
+
+@pytest.mark.parametrize(
+    "bundle", ["mdm_glas_fewshot", "mdm_monuseg_fewshot", "mdm_face_parts_fewshot", "mdm_volume_fewshot"]
+)
+def test_bundles_stop_on_held_out_dice_by_default(bundle):
+    """Cross entropy on the held-out strip was lowest while a one-image head still called everything
+    background, so the bundles watch Dice; --stop_metric loss stays selectable."""
+    from monai.bundle import ConfigParser
+
+    from conftest import BUNDLES
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / bundle / "configs" / "train.json"))
+    assert parser["stop_metric"] == "dice"
+    stopper = parser["train"]["handlers"][0]
+    assert stopper["_target_"].endswith("HeldOutEarlyStopping") and stopper["metric"] == "@stop_metric"
+    logged = [h["settings"] for h in parser["train"]["handlers"] if isinstance(h, dict) and "settings" in h]
+    assert [s["stop_metric"] for s in logged] == ["@stop_metric"]
