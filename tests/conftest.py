@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures"
+FIXTURES = REPO / "tests" / "fixtures"  # shipped in the repository: no test skips for a missing file
 SCHEMA = REPO / "configs" / "metadata_schema.json"
 BUNDLES = REPO / "bundles"
 

@@ -12,10 +12,9 @@ from monai_mdm.convert import _preset_candidates, convert_checkpoint, main, matc
 from monai_mdm.networks import PRESETS, MDMFeatureExtractor, MDMUNet, guided_diffusion_config_to_kwargs
 from monai_mdm.networks import load_pretrained_unet
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "guided_unet_reference.pt"
-needs_fixture = pytest.mark.skipif(
-    not FIXTURE.is_file(), reason=f"reference fixture {FIXTURE} is absent (it holds the guided-diffusion weights)"
-)
+from conftest import FIXTURES
+
+FIXTURE = FIXTURES / "guided_unet_reference.pt"
 BLOCKS = (2, 5, 8)
 
 
@@ -48,7 +47,6 @@ def _check_activations(path: Path, ref: dict, atol: float) -> MDMUNet:
     return net
 
 
-@needs_fixture
 def test_fp16_module_prefixed_state_dict(ref, tmp_path, capsys):
     src = tmp_path / "ffhq.pt"
     torch.save({f"module.{k}": v.half() for k, v in ref["state_dict"].items()}, src)
@@ -73,7 +71,6 @@ def test_fp16_module_prefixed_state_dict(ref, tmp_path, capsys):
     _check_activations(out, ref, atol=1e-3)
 
 
-@needs_fixture
 def test_ema_wrapper_and_prefer(ref, tmp_path, capsys):
     sd = ref["state_dict"]
     src = tmp_path / "ckpt.pt"
@@ -98,7 +95,6 @@ def test_ema_wrapper_and_prefer(ref, tmp_path, capsys):
     assert record["weights"] == "ema"
 
 
-@needs_fixture
 def test_mismatching_preset_lists_keys(ref, tmp_path, capsys):
     src = tmp_path / "ffhq.pt"
     torch.save(ref["state_dict"], src)
@@ -203,7 +199,6 @@ def test_load_pretrained_unet_needs_settings_for_a_bare_state_dict(tmp_path):
     assert load_pretrained_unet(path, preset="tiny").model_channels == 32
 
 
-@needs_fixture
 def test_converted_checkpoint_drives_the_face_bundle(ref, tmp_path, capsys):
     """Convert -> train the face bundle on the converted weights -> its saved segmenter's frozen network
     still reproduces the reference decoder blocks (the bundle used the released weights unchanged)."""

@@ -9,14 +9,14 @@ import torch
 
 from monai_mdm.networks import PRESETS, MDMUNet, guided_diffusion_config_to_kwargs, timestep_embedding
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "guided_unet_reference.pt"
+from conftest import FIXTURES
+
+FIXTURE = FIXTURES / "guided_unet_reference.pt"
 PAPER_PARAMS = 311_017_539
 
 
 @pytest.fixture(scope="module")
 def reference():
-    if not FIXTURE.is_file():
-        pytest.skip(f"guided-diffusion reference fixture not found at {FIXTURE}")
     return torch.load(FIXTURE, map_location="cpu", weights_only=False)
 
 
