@@ -85,6 +85,8 @@ def test_pretrained_part_gets_the_scaled_learning_rate(bundle, pretrained, demo_
     assert parser.get_parsed_content("train#dataloader").dataset is parser.get_parsed_content("train#online")
     names = [type(t).__name__ for t in parser.get_parsed_content("train#online").transform.transforms]
     assert {"RandSpatialCropd", "RandFlipd", "RandRotate90d"} <= set(names)
+    # early stopping keeps and restores the UNet with the head, not the head alone
+    assert parser.get_parsed_content("train#handlers#0").model is parser.get_parsed_content("segmenter")
 
 
 def test_finetuned_model_evaluates_and_serves_through_pyfunc(finetuned, demo_data):

@@ -228,3 +228,21 @@ def test_bundles_stop_on_held_out_dice_by_default(bundle):
     assert stopper["_target_"].endswith("HeldOutEarlyStopping") and stopper["metric"] == "@stop_metric"
     logged = [h["settings"] for h in parser["train"]["handlers"] if isinstance(h, dict) and "settings" in h]
     assert [s["stop_metric"] for s in logged] == ["@stop_metric"]
+
+
+def test_a_model_outside_the_trainers_network_is_kept_and_restored_with_it():
+    """Fine-tuning trains the UNet inside the extractor, not the trainer's network: both come back from one epoch."""
+    engine, net = _engine([1.0, 3.0, 0.0, -1.0, -2.0, -3.0])
+    backbone = torch.nn.Linear(1, 1, bias=False)
+
+    def trained_too(engine):
+        with torch.no_grad():
+            backbone.weight.fill_(float(engine.state.epoch))
+
+    engine.add_event_handler(Events.ITERATION_COMPLETED, trained_too)
+    model = torch.nn.ModuleDict({"head": net, "backbone": backbone})
+    stopper = HeldOutEarlyStopping(_heldout(), patience=2, batch_size=1, model=model)
+    stopper.attach(engine)
+    engine.run([0], max_epochs=6)
+    assert stopper.best_epoch == 2
+    assert float(net.weight.detach()[1, 0]) == 3.0 and float(backbone.weight) == 2.0

@@ -64,6 +64,10 @@ class HeldOutEarlyStopping:
     are logged as ``heldout_loss`` / ``heldout_dice``, with the epoch's mean training loss as ``epoch_loss``.
     An ensemble's stacked logits (B, heads, classes, ...) are scored by their mean probability.
 
+    ``model`` is what is kept and restored: by default the trainer's network; end-to-end fine-tuning passes the
+    whole segmenter, because the UNet it trains sits in the feature extractor, outside the trainer's network, and
+    a best head restored onto the last epoch's UNet would not be the model that scored best.
+
     Multi-process: each rank scores every ``world_size``-th item and the sums are added over ranks, so every
     rank sees the same score and stops at the same epoch. Without held-out labelled pixels (none held out, or
     the images too small) it logs a warning and training runs its full length, keeping the last weights.
@@ -80,6 +84,7 @@ class HeldOutEarlyStopping:
         min_delta: float = 0.0,
         batch_size: int = 4,
         ignore_index: int = 255,
+        model: torch.nn.Module | None = None,
     ) -> None:
         if metric not in ("loss", "dice"):
             raise ValueError(f"metric must be 'loss' or 'dice', got {metric!r}.")
@@ -90,6 +95,7 @@ class HeldOutEarlyStopping:
         self.min_delta, self.batch_size, self.ignore_index = float(min_delta), int(batch_size), int(ignore_index)
         self.best_score, self.best_epoch, self.best_iteration, self.best_state = -math.inf, 0, 0, None
         self.score = -math.inf
+        self.model = model
         self._sum, self._count, self._evaluated_at = 0.0, 0, -1
 
     def attach(self, engine: Engine) -> None:
@@ -180,17 +186,20 @@ class HeldOutEarlyStopping:
             self.best_score, self.best_epoch = self.score, engine.state.epoch
             self.best_iteration = engine.state.iteration
             # a copy, not references: the optimiser updates the parameters in place
-            self.best_state = copy.deepcopy(engine.network.state_dict())
+            self.best_state = copy.deepcopy(self._kept(engine).state_dict())
         if engine.state.epoch > self.warmup_epochs and not final:
             self._stopper(engine)
+
+    def _kept(self, engine: Engine) -> torch.nn.Module:
+        return engine.network if self.model is None else self.model
 
     def _restore(self, engine: Engine) -> None:
         self._check(engine, final=True)  # a last, shortened epoch (StopAtStep) is scored too
         if self.best_state is None:
             return
-        engine.network.load_state_dict(self.best_state)
+        self._kept(engine).load_state_dict(self.best_state)
         logger.info(
-            f"restored the head of epoch {self.best_epoch} (iteration {self.best_iteration}, "
+            f"restored the {'head' if self.model is None else 'model'} of epoch {self.best_epoch} (iteration {self.best_iteration}, "
             f"held-out {self.metric} {abs(self.best_score):.4f}) of {engine.state.iteration} iterations."
         )
 
