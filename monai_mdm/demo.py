@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from statistics import fmean, pstdev
 from pathlib import Path
 
 from monai_mdm import label_efficiency as le
@@ -33,11 +34,6 @@ def _step(title: str, fn):
     took = time.time() - start
     print(f"--- {title}: {took:.0f} s", flush=True)
     return result, took
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    return mean, (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
 
 
 def comparison_table(results: dict[str, dict[int, list[dict]]], budget: dict) -> str:
@@ -56,8 +52,8 @@ def comparison_table(results: dict[str, dict[int, list[dict]]], budget: dict) ->
             if len(seeds) == 1:
                 values = [r[c] for r in by_seed[seeds[0]] if r.get(c) is not None]
             else:
-                values = [_mean_std([r[c] for r in rows if r.get(c) is not None])[0] for rows in by_seed.values()]
-            mean, std = _mean_std(values)
+                values = [fmean(r[c] for r in rows if r.get(c) is not None) for rows in by_seed.values()]
+            mean, std = fmean(values), pstdev(values)
             cells.append(f"{mean:>13.4f} +- {std:<6.4f}")
         lines.append(f"{le.METHODS[method].label:<30}" + "".join(cells))
     lines.append("paper_* follow the paper's protocol (binarised maps); object_* are GlaS instance metrics "

@@ -32,6 +32,7 @@ import csv
 import io
 import json
 import math
+from statistics import fmean, pstdev
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -136,15 +137,6 @@ def pretrain(data: Path, out: Path, iterations: int, size: int, seed: int) -> Pa
     return out / "models" / "model_ema.pt"
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
-
-
-def _std(values: Sequence[float]) -> float:
-    m = _mean(values)
-    return math.sqrt(sum((v - m) ** 2 for v in values) / len(values))
-
-
 def run_one(
     dataset: str, method: str, budget: int, seed: int, data: Path, pretrained: Path, run_dir: Path,
     settings: Mapping[str, Any],
@@ -175,7 +167,7 @@ def run_one(
     result: dict[str, Any] = {}
     for key in ds.metrics:
         values = [r[key] for r in rows if r.get(key) is not None]
-        result[key] = _mean(values) if values else float("nan")
+        result[key] = fmean(values) if values else float("nan")
     result.update(train_s=round(train_s, 1), eval_s=round(eval_s, 1))
     done.write_text(json.dumps({"settings": record, "result": result}, indent=2, default=str))
     return result
@@ -191,9 +183,9 @@ def summarise(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> list
         entry: dict[str, Any] = {"method": method, "budget": budget, "n": len(members)}
         for key in metrics:
             values = [float(r[key]) for r in members if not math.isnan(float(r[key]))]
-            entry[f"{key}_mean"] = _mean(values) if values else float("nan")
-            entry[f"{key}_std"] = _std(values) if values else float("nan")
-        entry["train_s_mean"] = _mean([float(r["train_s"]) for r in members])
+            entry[f"{key}_mean"] = fmean(values) if values else float("nan")
+            entry[f"{key}_std"] = pstdev(values) if values else float("nan")
+        entry["train_s_mean"] = fmean([float(r["train_s"]) for r in members])
         out.append(entry)
     return out
 
