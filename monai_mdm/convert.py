@@ -28,21 +28,27 @@ import pickle
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from monai_mdm.networks.mdm_unet import MDMUNet, _mismatch_hints, guided_diffusion_config_to_kwargs
+from monai_mdm.networks.interchange import (
+    ArchitectureMatch,
+    FoundWeights,
+    find_weights,
+    guided_diffusion_config,
+    guided_diffusion_config_to_kwargs,
+    match_architecture,
+    mismatch_hints,
+    preset_candidates,
+)
+from monai_mdm.networks.mdm_unet import MDMUNet
 from monai_mdm.networks.presets import PRESETS
 from monai_mdm.utils import atomic_torch_save
 
-__all__ = ["FoundWeights", "convert_checkpoint", "find_weights", "main", "match_architecture", "parse_config"]
+__all__ = ["convert_checkpoint", "main", "parse_config"]
 
-_UNET_PREFIXES = ("time_embed.", "input_blocks.", "middle_block.", "output_blocks.")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DDP, torch.compile
-_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 # guided-diffusion's model and diffusion flags: anything else in --config is most likely a typo
 _KNOWN_CONFIG_KEYS = {
     "image_size", "num_channels", "model_channels", "num_res_blocks", "num_heads", "num_heads_upsample",
@@ -52,173 +58,6 @@ _KNOWN_CONFIG_KEYS = {
     "timestep_respacing", "use_kl", "predict_xstart", "rescale_timesteps", "rescale_learned_sigmas",
 }  # fmt: skip
 _SHOWN = 20
-
-
-@dataclass
-class FoundWeights:
-    """The UNet state dict found in a checkpoint and what is known about it."""
-
-    state_dict: dict[str, torch.Tensor]
-    kind: str  # "ema" or "raw"
-    where: str  # where in the file, e.g. "the top level" or "entry 'ema'"
-    kind_note: str = ""
-    others: list[str] = field(default_factory=list)  # the other weight sets that were not chosen
-    stripped: int = 0  # keys that lost a module. / _orig_mod. prefix
-    dropped: list[str] = field(default_factory=list)  # non-tensor or bookkeeping entries
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(int(v.numel()) for v in self.state_dict.values())
-
-    @property
-    def dtypes(self) -> str:
-        floats = {v.dtype for v in self.state_dict.values() if v.is_floating_point()}
-        names = sorted(_DTYPE_NAMES.get(d, str(d)) for d in floats)
-        return "+".join(names) if names else "none"
-
-
-def _strip(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for p in _WRAPPER_PREFIXES:
-            if key.startswith(p):
-                key, changed = key[len(p):], True
-    return key
-
-
-def _looks_unet(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and any(isinstance(k, str) and _strip(k).startswith(_UNET_PREFIXES) for k in obj)
-
-
-def _ema_in_name(text: str) -> bool:
-    return re.search(r"(?:^|[^a-z])ema(?:[^a-z]|$)", text.lower()) is not None
-
-
-def find_weights(obj: Any, prefer: str = "ema", filename: str = "") -> FoundWeights:
-    """Locate the UNet weights in a loaded checkpoint: a bare state dict, or nested under entries such as
-    ``ema`` / ``model`` / ``state_dict`` / ``network`` (two levels deep at most).
-
-    Entries whose name contains "ema" count as EMA weights; a bare state dict is EMA when ``filename`` says so
-    (guided-diffusion writes ``ema_<rate>_<step>.pt`` beside ``model<step>.pt``), raw otherwise.
-    """
-    if prefer not in ("ema", "raw"):
-        raise ValueError(f"prefer must be 'ema' or 'raw', got {prefer!r}.")
-    if not isinstance(obj, Mapping):
-        raise ValueError(
-            f"the checkpoint holds a {type(obj).__name__}, not a state dict: this is not a guided-diffusion UNet "
-            "checkpoint (save the model's state_dict())."
-        )
-    found: list[tuple[tuple[str, ...], Mapping]] = []
-
-    def walk(d: Mapping, path: tuple[str, ...]) -> None:
-        if _looks_unet(d):
-            found.append((path, d))
-            return
-        if len(path) < 2:
-            for k, v in d.items():
-                if isinstance(v, Mapping):
-                    walk(v, (*path, str(k)))
-
-    walk(obj, ())
-    if not found:
-        first = [str(k) for k in list(obj)[:6]]
-        raise ValueError(
-            "this is not a guided-diffusion UNet checkpoint: no key (at the top level or in its entries) starts "
-            f"with {', '.join(_UNET_PREFIXES)} (first keys: {', '.join(first) or 'none'}). The converter reads "
-            "guided-diffusion / MDM / DDPM-seg UNet weights only."
-        )
-
-    def kind_of(path: tuple[str, ...]) -> tuple[str, str]:
-        if path:
-            return ("ema" if any(_ema_in_name(p) for p in path) else "raw"), ""
-        if _ema_in_name(Path(filename).stem):
-            return "ema", "a bare state dict; its file name says EMA"
-        return "raw", (
-            "a bare state dict does not say whether it holds EMA weights; recorded as raw (guided-diffusion "
-            "names its EMA files ema_<rate>_<step>.pt)"
-        )
-
-    labelled = [(*kind_of(path), path, d) for path, d in found]
-    chosen = next((x for x in labelled if x[0] == prefer), labelled[0])
-    kind, note, path, raw_sd = chosen
-    if kind != prefer:
-        note = (note + "; " if note else "") + f"--prefer {prefer}, but no {prefer} weights were found"
-    where = "the top level" if not path else "entry " + "/".join(f"'{p}'" for p in path)
-    others = [
-        f"{k} weights in {'the top level' if not p else 'entry ' + '/'.join(repr(x) for x in p)}"
-        for k, _, p, _ in labelled
-        if p != path
-    ]
-    sd: dict[str, torch.Tensor] = {}
-    stripped = 0
-    dropped: list[str] = []
-    for k, v in raw_sd.items():
-        name = _strip(str(k))
-        stripped += name != str(k)
-        if not torch.is_tensor(v) or name == "n_averaged":  # AveragedModel's counter is no weight
-            dropped.append(name)
-            continue
-        if name in sd:
-            raise ValueError(f"key '{name}' occurs twice once the module./_orig_mod. prefixes are removed.")
-        sd[name] = v
-    if any(k.startswith("label_emb.") for k in sd):
-        raise NotImplementedError("class-conditional guided-diffusion checkpoints (label_emb.*) are not supported.")
-    return FoundWeights(sd, kind, where, note, others, stripped, dropped)
-
-
-def _meta_shapes(kwargs: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        model = MDMUNet(**kwargs)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-@dataclass
-class _Match:
-    name: str
-    kwargs: dict[str, Any]
-    missing: list[str]
-    unexpected: list[str]
-    shapes: list[str]
-    expected: dict[str, tuple[int, ...]]
-
-    @property
-    def differences(self) -> int:
-        return len(self.missing) + len(self.unexpected) + len(self.shapes)
-
-
-def _compare(name: str, kwargs: dict[str, Any], sd: Mapping[str, torch.Tensor]) -> _Match:
-    expected = _meta_shapes(kwargs)
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    shapes = [
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs {name} {expected[k]}"
-        for k in sd
-        if k in expected and tuple(sd[k].shape) != expected[k]
-    ]
-    return _Match(name, dict(kwargs), missing, unexpected, shapes, expected)
-
-
-def _count_output_blocks(shapes: Mapping[str, Any]) -> int:
-    return len({k.split(".")[1] for k in shapes if k.startswith("output_blocks.")})
-
-
-def _preset_candidates(names: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
-    """Each preset, plus its learn_sigma variant (twice the output channels) where it has none already."""
-    out = []
-    for name in names:
-        kw = dict(PRESETS[name])
-        out.append((name, kw))
-        if kw["out_channels"] == kw["in_channels"]:
-            out.append((f"{name}+learn_sigma", {**kw, "out_channels": 2 * kw["out_channels"]}))
-    return out
-
-
-def match_architecture(
-    state_dict: Mapping[str, torch.Tensor], candidates: Sequence[tuple[str, dict[str, Any]]]
-) -> list[_Match]:
-    """Compare the weights with each candidate (name, MDMUNet kwargs); best (fewest differences) first."""
-    return sorted((_compare(n, kw, state_dict) for n, kw in candidates), key=lambda m: m.differences)
 
 
 def _list(title: str, items: list[str], group: bool = True) -> str:
@@ -238,10 +77,9 @@ def _list(title: str, items: list[str], group: bool = True) -> str:
     return f"  {title} ({len(items)}):\n{shown}{more}"
 
 
-def _mismatch_error(source: str, weights: FoundWeights, matches: list[_Match], what: str) -> ValueError:
+def _mismatch_error(source: str, weights: FoundWeights, matches: list[ArchitectureMatch], what: str) -> ValueError:
     best = matches[0]
-    meta_model = {k: torch.empty(s, device="meta") for k, s in best.expected.items()}
-    hints = _mismatch_hints(weights.state_dict, meta_model, best.missing, best.unexpected)
+    hints = mismatch_hints(weights.state_dict, best)
     lines = [
         f"the weights in '{source}' ({len(weights.state_dict)} tensors, {weights.num_parameters:,} parameters) "
         f"do not match {what}.",
@@ -358,10 +196,10 @@ def convert_checkpoint(
         candidates = [("the given --config", guided_diffusion_config_to_kwargs(cfg))]
         what = "the given --config"
     elif preset is not None:
-        candidates = _preset_candidates([preset])
+        candidates = preset_candidates([preset])
         what = f"preset '{preset}'"
     else:
-        candidates = _preset_candidates(list(PRESETS))
+        candidates = preset_candidates(list(PRESETS))
         what = "any preset (" + ", ".join(n for n, _ in candidates) + ")"
     matches = match_architecture(sd, candidates)
     exact = [m for m in matches if m.differences == 0]
@@ -371,10 +209,12 @@ def convert_checkpoint(
     also = f" (also matches: {', '.join(m.name for m in exact[1:])})" if len(exact) > 1 else ""
     log(f"architecture: matches {chosen.name}{also}")
     kw = chosen.kwargs
+    with torch.device("meta"):  # the settings, without memory for weights
+        network = MDMUNet(**kw)
     log(
         f"  model_channels={kw['model_channels']}, channel_mult={list(kw['channel_mult'])}, "
         f"num_res_blocks={kw['num_res_blocks']}, attention at downsample {list(kw['attention_downsample'])}, "
-        f"out_channels={kw['out_channels']}, {_count_output_blocks(chosen.expected)} decoder blocks"
+        f"out_channels={kw['out_channels']}, {len(network.output_blocks)} decoder blocks"
     )
     if config is None:
         log("  note: head counts cannot be read from weights; the preset's num_head_channels is assumed")
@@ -383,10 +223,7 @@ def convert_checkpoint(
     if bad:
         log(f"  warning: {len(bad)} tensors hold NaN/inf values, e.g. {', '.join(bad[:3])}")
 
-    with torch.device("meta"):
-        network_config = MDMUNet(**chosen.kwargs).to_guided_diffusion_config(
-            int(image_size) if image_size is not None else None
-        )
+    network_config = guided_diffusion_config(network, int(image_size) if image_size is not None else None)
     fp32 = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
     record = {
         "network_config": network_config,

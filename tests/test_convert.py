@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from monai_mdm.convert import _preset_candidates, convert_checkpoint, main, match_architecture, parse_config
+from monai_mdm.convert import convert_checkpoint, main, parse_config
 from monai_mdm.networks import PRESETS, MDMFeatureExtractor, MDMUNet, guided_diffusion_config_to_kwargs
 from monai_mdm.networks import load_pretrained_unet
+from monai_mdm.networks.interchange import match_architecture, preset_candidates
 
 from conftest import FIXTURES
 
@@ -169,7 +170,7 @@ def test_ddpm_seg_preset_is_the_released_ffhq_architecture():
     sd = released.state_dict()
     n_params = sum(v.numel() for v in sd.values())
     assert n_params == pytest.approx(552e6, rel=0.01)
-    best = match_architecture(sd, _preset_candidates(list(PRESETS)))
+    best = match_architecture(sd, preset_candidates(list(PRESETS)))
     assert best[0].name == "ddpm_seg_ffhq" and best[0].differences == 0
     assert all(m.differences > 0 for m in best[1:])
     assert len(released.output_blocks) == 18

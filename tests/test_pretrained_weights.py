@@ -44,7 +44,7 @@ def _copy_with_init_weight(models: Path, folder: Path, init_weight: float, files
 
 @pytest.mark.parametrize("name", ["model.pt", "model_ema.pt", "checkpoint_4.pt"])
 def test_auto_takes_the_ema_once_it_has_left_the_initialisation(pretrain_models, name, caplog):
-    with caplog.at_level(logging.INFO, logger="monai_mdm.networks.mdm_unet"):
+    with caplog.at_level(logging.INFO, logger="monai_mdm.networks.interchange"):
         net = load_pretrained(pretrain_models / name, "tiny")
     assert torch.equal(net.state_dict()[KEY], _weights(pretrain_models / "model_ema.pt"))
     info = net.pretraining
@@ -52,7 +52,7 @@ def test_auto_takes_the_ema_once_it_has_left_the_initialisation(pretrain_models,
     assert info["ema_updates"] == 4 and info["ema_init_weight"] < 0.01 and "left the initialisation" in info["reason"]
     expected = "checkpoint_4.pt" if name == "checkpoint_4.pt" else "model_ema.pt"
     assert Path(info["source"]).name == expected
-    lines = [r.getMessage() for r in caplog.records if r.name == "monai_mdm.networks.mdm_unet"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "monai_mdm.networks.interchange"]
     assert len(lines) == 1 and expected in lines[0] and "ema weights" in lines[0] and "left" in lines[0]
 
 

@@ -1,7 +1,7 @@
 """Networks: the MDM UNet (guided-diffusion compatible) and its presets."""
 
-from .mdm_unet import MDMUNet, guided_diffusion_config_to_kwargs, load_pretrained_unet, timestep_embedding
-from .mdm_unet import load_pretrained
+from .mdm_unet import MDMUNet, timestep_embedding
+from .interchange import guided_diffusion_config_to_kwargs, load_pretrained, load_pretrained_unet
 from .presets import PRESETS
 from .features import MDMFeatureExtractor
 from .pixel_head import BlockwiseHead, PixelHeadEnsemble, PixelMLPHead
