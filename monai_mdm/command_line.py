@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["check_overrides", "excepthook", "install", "parse_bundle_argv", "UnknownSettingError"]
+__all__ = ["check_overrides", "excepthook", "install", "parse_bundle_argv", "split_config_files", "UnknownSettingError"]
 
 # arguments that ``monai.bundle run`` consumes itself rather than passing to the config
 MONAI_RUN_ARGS = frozenset({
@@ -72,7 +72,7 @@ def parse_bundle_argv(argv: Sequence[str]) -> dict[str, Any]:
     return pairs
 
 
-def _config_files(value: Any) -> list[str]:
+def split_config_files(value: Any) -> list[str]:
     if isinstance(value, str):
         value = _fire_value(value) if value.lstrip().startswith("[") else value
     return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
@@ -112,6 +112,11 @@ def check_overrides(config_files: Sequence[str], overrides: Mapping[str, Any], m
     meta = meta_file if meta_file else (str(Path(files[0]).parent / "metadata.json") if files else None)
     if isinstance(meta, str) and os.path.isfile(meta):
         config = {**ConfigParser.load_config_file(meta), **config}
+    tracking = overrides.get("tracking")
+    if tracking == "mlflow":  # MONAI adds its tracking settings (tracking_uri, ...) to the config
+        from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
+
+        config = {**DEFAULT_MLFLOW_SETTINGS["configs"], **config}
     names = " + ".join(f"'{f}'" for f in files)
     problems = []
     for key, value in overrides.items():
@@ -168,7 +173,7 @@ def install(argv: Sequence[str] | None = None) -> None:
     pairs = parse_bundle_argv(argv[2:])
     if "config_file" in pairs and "args_file" not in pairs:
         try:
-            check_overrides(_config_files(pairs["config_file"]), pairs, pairs.get("meta_file"))
+            check_overrides(split_config_files(pairs["config_file"]), pairs, pairs.get("meta_file"))
         except UnknownSettingError as e:  # a usage error, reported the way argparse does: message, exit 2
             sys.stderr.write(f"error: {e}\n")
             raise SystemExit(2) from None

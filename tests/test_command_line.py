@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from monai_mdm.command_line import UnknownSettingError, check_overrides, parse_bundle_argv
+from monai_mdm.command_line import UnknownSettingError, split_config_files, check_overrides, parse_bundle_argv
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "bundles" / "mdm_pretrain" / "configs" / "train.json"
@@ -50,6 +51,31 @@ def test_check_overrides_names_the_closest_setting_and_the_fix():
         check_overrides([str(PRETRAIN)], {"resume": "false"})
     with pytest.raises(UnknownSettingError, match="train#handlers#40"):
         check_overrides([str(GLAS / "train.json")], {"train#handlers#40": 1})
+
+
+def test_tracking_settings_are_known_when_tracking_is_on():
+    check_overrides([str(PRETRAIN)], {"tracking": "mlflow", "tracking_uri": "http://127.0.0.1:5000"})
+    with pytest.raises(UnknownSettingError, match="tracking_uri"):
+        check_overrides([str(PRETRAIN)], {"tracking_uri": "http://127.0.0.1:5000"})
+
+
+def test_documented_commands_use_only_defined_settings():
+    """Every `python -m monai.bundle run` line in the bundles' READMEs passes the check a user's run gets."""
+    checked = 0
+    for doc in sorted((REPO / "bundles").glob("*/docs/README.md")):
+        text = doc.read_text().replace("\\\n", " ")
+        for line in text.splitlines():
+            if "monai.bundle run" not in line or line.lstrip().startswith("#"):
+                continue
+            words = shlex.split(line.split("monai.bundle run", 1)[1].split(" # ")[0])
+            pairs = parse_bundle_argv(words)
+            if "config_file" not in pairs:
+                continue
+            files = [str(REPO / f) for f in split_config_files(pairs["config_file"])]
+            check_overrides(files, pairs)
+            checked += 1
+    print(f"{checked} documented commands checked")
+    assert checked >= 20
 
 
 def test_check_overrides_allows_new_settings_on_request(monkeypatch):
