@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from monai_mdm.command_line import UnknownSettingError, check_overrides
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
 
@@ -267,6 +269,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"error: --pretrained '{args.pretrained}' is not a file.")
     if args.data is not None and not args.data.is_dir():
         raise SystemExit(f"error: --data '{args.data}' is not a folder.")
+
+    configs = BUNDLES / DATASETS[args.dataset].bundle / "configs"
+    overlays = dict.fromkeys(o for m in args.methods for o in METHODS[m].overlays)
+    try:  # a typo in --set would otherwise add an unused setting and every run would use the default
+        check_overrides([str(configs / f) for f in ("train.json", *overlays)], settings)
+    except UnknownSettingError as e:
+        raise SystemExit(f"error: --set: {e}") from None
 
     started = time.time()
     out = args.out

@@ -100,6 +100,12 @@ def test_bad_set_is_refused(bench, tmp_path):
         bench.main(["--out", str(tmp_path), "--set", "timestep"])
 
 
+def test_set_of_an_undefined_setting_is_refused(bench, tmp_path):
+    with pytest.raises(SystemExit, match="--max_step is not a setting.*Did you mean --max_steps"):
+        bench.main(["--out", str(tmp_path), "--set", "max_step=3", "--methods", "mdm_frozen"])
+    assert not tmp_path.joinpath("runs").exists()
+
+
 def test_set_values_parse_as_json(bench):
     assert bench.parse_settings(["timestep=0", "blocks=[1,2]", "amp=false", "weights=raw"]) == {
         "timestep": 0, "blocks": [1, 2], "amp": False, "weights": "raw"}
