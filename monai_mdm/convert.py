@@ -45,7 +45,7 @@ from monai_mdm.networks.interchange import (
 )
 from monai_mdm.networks.mdm_unet import MDMUNet
 from monai_mdm.networks.presets import PRESETS
-from monai_mdm.utils import atomic_torch_save
+from monai_mdm.utils import atomic_torch_save, load_torch_file
 
 __all__ = ["convert_checkpoint", "main", "parse_config"]
 
@@ -132,10 +132,9 @@ def parse_config(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def _load(path: Path, trust_pickle: bool) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' not found.")
+    fix = "Fix: give a complete guided-diffusion checkpoint (download or copy it again if it was damaged)."
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        return load_torch_file(path, "checkpoint", fix, weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
         if trust_pickle:
             raise

@@ -54,6 +54,45 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def _damage(path: Path) -> str | None:
+    """What is wrong with a file that should be a torch file, judged by its first bytes, or None if it looks fine."""
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes): the copy or download did not finish"
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # torch's zip format, or its legacy pickle
+        return None
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype", b"<html", b"<?xml", b"<")):
+        return "is a web page (HTML), not a weights file: the download saved a login or error page"
+    if text.startswith(b"version https://git-lfs"):
+        return "is a Git LFS pointer, not the weights: fetch the real file with `git lfs pull`"
+    return f"is not a PyTorch file ({size} bytes starting {head[:16]!r})"
+
+
+def load_torch_file(path: str | os.PathLike, what: str, fix: str, **kwargs: Any) -> Any:
+    """``torch.load`` whose errors name the file, say what is wrong with it and what to do (``fix``).
+
+    torch's own messages name no file and mislead for the usual accidents: an HTML page saved instead of a
+    download (``invalid load key, '<'``), an empty file (``Ran out of input``), a truncated copy
+    (``PytorchStreamReader failed reading zip archive``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} '{path}' not found: {fix}")
+    damage = _damage(path)
+    if damage is not None:
+        raise ValueError(f"{what} '{path}' {damage}. {fix}")
+    kwargs.setdefault("map_location", "cpu")
+    try:
+        return torch.load(path, **kwargs)
+    except (EOFError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "PytorchStreamReader" not in str(e) and "zip archive" not in str(e):
+            raise
+        raise ValueError(f"{what} '{path}' is truncated or damaged ({type(e).__name__}: {str(e)[:80]}). {fix}") from e
+
+
 def _require_spatial_size(images: torch.Tensor, expected: List[int]) -> torch.Tensor:
     if images.shape[2:] != expected:
         raise ValueError(

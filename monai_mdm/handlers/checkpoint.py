@@ -12,7 +12,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from monai_mdm.distributed import all_gather_objects, is_rank0
-from monai_mdm.utils import atomic_torch_save
+from monai_mdm.utils import atomic_torch_save, load_torch_file
 
 logger = logging.getLogger(__name__)
 
@@ -129,13 +129,8 @@ class TrainingCheckpoint:
             )
         if path is None:
             return
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise RuntimeError(
-                f"cannot read checkpoint '{path}' ({e}); delete it to resume from the previous one "
-                "or start in an empty output folder."
-            ) from e
+        checkpoint = load_torch_file(path, "checkpoint", "Fix: delete it to resume from the previous one, or start "
+                                     "in an empty output folder.", weights_only=False)
         # objects added to save_dict after the checkpoint was written may know how to carry on without it
         absent = [k for k in self.save_dict if k not in checkpoint]
         later = [k for k in absent if hasattr(self.save_dict[k], "resume_without_state")]

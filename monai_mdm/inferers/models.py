@@ -10,7 +10,7 @@ import torch
 from monai.utils import optional_import
 
 from monai_mdm.inferers.segmenter import MDMSegmenter
-from monai_mdm.utils import atomic_torch_save
+from monai_mdm.utils import atomic_torch_save, load_torch_file
 
 _BASELINE_FORMAT = "monai_mdm.baseline"
 
@@ -38,7 +38,8 @@ def load_segmentation_model(path: str | os.PathLike, map_location: str | torch.d
             "(`python -m monai.bundle run --config_file <bundle>/configs/train.json --output_dir <run>` writes "
             "<run>/models/model.pt) and copy that model.pt to this path, or point --model_path at it."
         )
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_torch_file(path, "trained model", "Fix: point --model_path at a complete model.pt written by the "
+                            "bundle's training (train again, or copy it again if it was damaged).", weights_only=False)
     if isinstance(state, Mapping) and state.get("format") == _BASELINE_FORMAT:
         module_name, _, cls_name = state["target"].rpartition(".")
         cls, found = optional_import(module_name, name=cls_name)

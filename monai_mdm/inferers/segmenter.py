@@ -25,7 +25,7 @@ from monai_mdm.networks.features import MDMFeatureExtractor
 from monai_mdm.networks.mdm_unet import MDMUNet
 from monai_mdm.networks.pixel_head import PixelHeadEnsemble, PixelMLPHead
 from monai_mdm.transforms.corruption import Corruption, GaussianNoise, PatchMasking
-from monai_mdm.utils import atomic_torch_save, guard_traced_size
+from monai_mdm.utils import atomic_torch_save, guard_traced_size, load_torch_file
 
 __all__ = ["MDMSegmenter", "make_sliding_window_inferer"]
 
@@ -265,5 +265,6 @@ class MDMSegmenter(nn.Module):
         **feature_overrides: Any,
     ) -> MDMSegmenter:
         """Rebuild a segmenter written by :meth:`save` (see :meth:`from_state` for the arguments)."""
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = load_torch_file(path, "segmenter", "Fix: give the path of a complete model.pt written by training.",
+                                map_location=map_location, weights_only=True)
         return cls.from_state(state, network=network, source=str(path), **feature_overrides)

@@ -16,6 +16,7 @@ import torch
 
 from monai_mdm.networks.mdm_unet import MDMUNet
 from monai_mdm.networks.presets import PRESETS
+from monai_mdm.utils import load_torch_file
 
 __all__ = [
     "AUTO_EMA_MAX_INIT_WEIGHT",
@@ -446,7 +447,13 @@ def load_pretrained_unet(path: str | os.PathLike, preset: str | None = "tiny", *
     or weights of another architecture get an error that names the file and says what to run or set instead.
     """
     path = _existing_weights(path)
-    return _unet_from_loaded(torch.load(path, map_location="cpu", weights_only=False), path, preset, overrides)
+    return _unet_from_loaded(_read_weights(path), path, preset, overrides)
+
+
+_PRETRAINED_FIX = (
+    "Fix: set --pretrained_weights to a complete file (a pretraining run's models/model_ema.pt, a checkpoint_<N>.pt "
+    "or a converted checkpoint), copying or downloading it again if it was damaged."
+)
 
 
 def _existing_weights(path: str | os.PathLike) -> Path:
@@ -457,6 +464,10 @@ def _existing_weights(path: str | os.PathLike) -> Path:
             "<output_dir>/models/model_ema.pt) or set --pretrained_weights to a guided-diffusion checkpoint."
         )
     return path
+
+
+def _read_weights(path: Path) -> Any:
+    return load_torch_file(path, "pretrained weights", _PRETRAINED_FIX, weights_only=False)
 
 
 def _unet_from_loaded(state: Any, path: Path, preset: str | None, overrides: Mapping[str, Any]) -> MDMUNet:
@@ -520,8 +531,8 @@ def _weight_sets(path: Path, state: Any) -> tuple[dict[str, tuple[Path, Any]], M
     if path.name in _SIBLING and sibling.is_file():
         try:  # memory-mapped: only its record is read unless its weights are chosen
             other = torch.load(sibling, map_location="cpu", weights_only=False, mmap=True)
-        except RuntimeError:  # not in torch's zip format
-            other = torch.load(sibling, map_location="cpu", weights_only=False)
+        except RuntimeError:  # not in torch's zip format, or damaged: read it plainly, with a clear error
+            other = _read_weights(sibling)
         other_record = other.get("pretraining") if isinstance(other, Mapping) else None
         if isinstance(other_record, Mapping) and other_record.get("weights") not in (None, kind):
             sets[other_record["weights"]] = (sibling, other)
@@ -588,7 +599,7 @@ def load_pretrained(
         info: dict[str, Any] = {"source": "random", "weights": "random", "requested": weights, "reason": reason}
     else:
         path = _existing_weights(pretrained_weights)
-        sets, record = _weight_sets(path, torch.load(path, map_location="cpu", weights_only=False))
+        sets, record = _weight_sets(path, _read_weights(path))
         if weights == "auto":
             chosen, reason = _auto_choice(record, sets)
         elif weights in sets or ("given" in sets and weights == "raw"):
