@@ -55,14 +55,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # host_memory beside t
 import monai  # noqa: E402
 from host_memory import HostPeak  # noqa: E402
 
+from monai_mdm.data.feature_cache import FeatureCache  # noqa: E402
 from monai_mdm.data.synthetic import synthesize_tile  # noqa: E402
 from monai_mdm.engines.feature_batch import CachedFeaturePrepareBatch, OnlineFeaturePrepareBatch  # noqa: E402
-from monai_mdm.engines.feature_cache import FeatureCache  # noqa: E402
 from monai_mdm.inferers.segmenter import MDMSegmenter, make_sliding_window_inferer  # noqa: E402
+from monai_mdm.losses.ensemble import EnsembleCrossEntropy  # noqa: E402
 from monai_mdm.networks.features import MDMFeatureExtractor  # noqa: E402
 from monai_mdm.networks.mdm_unet import MDMUNet  # noqa: E402
-from monai_mdm.engines.ensemble import EnsembleCrossEntropy, EnsembleLogits  # noqa: E402
-from monai_mdm.networks.pixel_head import BlockwiseHead, PixelHeadEnsemble, PixelMLPHead  # noqa: E402
+from monai_mdm.networks.pixel_head import BlockwiseHead, EnsembleLogits, PixelHeadEnsemble, PixelMLPHead  # noqa: E402
 
 #: decoder blocks used when ``--blocks`` is not given (paper: the medical setting; tiny: its counterpart)
 DEFAULT_BLOCKS = {"paper": (8, 9, 10, 11, 12), "tiny": (3, 4, 5, 6, 7)}

@@ -12,11 +12,11 @@ from PIL import Image
 from monai_mdm.data import (
     CELEBA19_CLASSES,
     FFHQ34_CLASSES,
-    LoadClassMapd,
     face_palette,
     faces_datalist,
 )
 from monai_mdm.metrics import MultiClassIoU, mean_iou, per_class_iou
+from monai_mdm.transforms import LoadClassMapd
 
 
 def _write(folder, name, size=(8, 12), max_class=5, label_size=None, seed=0, extra_value=None):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from monai_mdm.engines import FeatureCache, heldout_cache, holdout_split
+from monai_mdm.data import FeatureCache, heldout_cache, holdout_split
 from monai_mdm.handlers import HeldOutEarlyStopping, StopAtStep, epochs_for_steps
 from monai_mdm.networks import MDMFeatureExtractor, MDMUNet
 

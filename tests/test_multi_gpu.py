@@ -171,7 +171,7 @@ def test_multi_gpu_config_without_torchrun_says_how_to_launch(monkeypatch):
 
 
 def test_sharded_caches_together_are_the_unsharded_cache():
-    from monai_mdm.engines import FeatureCache
+    from monai_mdm.data import FeatureCache
     from monai_mdm.networks import MDMFeatureExtractor, MDMUNet
 
     torch.manual_seed(0)

@@ -12,11 +12,13 @@ import tifffile
 from PIL import Image
 
 from monai_mdm.data.budget import budget_count, budget_record, select_labelled
+from monai_mdm.data.folder import natural_sort_key
 from monai_mdm.data.glas import glas_datalist, read_glas_grades
-from monai_mdm.data.instances import LoadInstanceMaskd, natural_sort_key, read_instance_map
+from monai_mdm.data.instances import read_instance_map
 from monai_mdm.data.monuseg import monuseg_datalist, rasterize_monuseg_xml
 from monai_mdm.data.preprocessed import preprocessed_datalist
 from monai_mdm.data.synthetic import make_sample, write_glas, write_monuseg
+from monai_mdm.transforms import LoadInstanceMaskd
 
 GLAS_SIZE = (64, 80)
 MONUSEG_SIZE = (64, 64)
@@ -399,14 +401,16 @@ def test_package_exports():
         "preprocessed_datalist",
         "select_labelled",
         "budget_record",
-        "LoadInstanceMaskd",
         "image_folder_datalist",
+        "FeatureCache",
+        "holdout_split",
+        "heldout_cache",
     ):
         assert callable(getattr(data, name)), name
 
 
 def test_two_files_with_one_stem_are_named(tmp_path):
-    from monai_mdm.data.instances import files_by_stem
+    from monai_mdm.data.folder import files_by_stem
 
     for name in ("a.png", "a.tif", "b.png", ".hidden.png", "notes.txt"):
         (tmp_path / name).write_bytes(b"")

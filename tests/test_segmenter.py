@@ -9,7 +9,8 @@ from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from torch.utils.data import DataLoader
 
-from monai_mdm.engines import CachedFeaturePrepareBatch, FeatureCache, OnlineFeaturePrepareBatch
+from monai_mdm.data import FeatureCache
+from monai_mdm.engines import CachedFeaturePrepareBatch, OnlineFeaturePrepareBatch
 from monai_mdm.inferers import MDMSegmenter, make_sliding_window_inferer
 from monai_mdm.networks import BlockwiseHead, MDMFeatureExtractor, MDMUNet, PixelHeadEnsemble, PixelMLPHead
 

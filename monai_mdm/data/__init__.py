@@ -1,4 +1,5 @@
-"""Data sets: readers for GlaS, MoNuSeg, the face sets and NIfTI volumes, and embedded synthetic demo data."""
+"""Data sets: readers for GlaS, MoNuSeg, the face sets and NIfTI volumes, embedded synthetic demo data, and the
+few-shot head's data (the feature cache and the held-out split)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,7 @@ _EXPORTS = {
     "AtomicNibabelWriter": "volumes",
     "CELEBA19_CLASSES": "faces",
     "FFHQ34_CLASSES": "faces",
-    "LoadClassMapD": "faces",
-    "LoadClassMapDict": "faces",
-    "LoadClassMapd": "faces",
-    "LoadInstanceMaskD": "instances",
-    "LoadInstanceMaskDict": "instances",
-    "LoadInstanceMaskd": "instances",
+    "FeatureCache": "feature_cache",
     "budget_count": "budget",
     "budget_record": "budget",
     "check_volume": "volumes",
@@ -24,11 +20,13 @@ _EXPORTS = {
     "face_palette": "faces",
     "faces_datalist": "faces",
     "glas_datalist": "glas",
+    "heldout_cache": "holdout",
+    "holdout_split": "holdout",
     "image_folder_datalist": "folder",
     "image_size": "instances",
     "make_sample": "synthetic",
     "monuseg_datalist": "monuseg",
-    "natural_sort_key": "instances",
+    "natural_sort_key": "folder",
     "nifti_folder_datalist": "volumes",
     "preprocessed_datalist": "preprocessed",
     "rasterize_monuseg_xml": "monuseg",

@@ -3,28 +3,25 @@
 The class maps are plain integer arrays (H, W) with values 0..K-1 and 255 for "ignore". Their most common
 failure modes are silent with a generic loader: a missing map, a map of another size, or a map of the other
 data set (CelebA-19 maps read with K = 34 look fine, FFHQ-34 maps read with K = 19 do not). This module turns
-each of them into an error that names the files and says what to change.
+each of them into an error that names the files and says what to change. The pipeline's loading transform is
+:class:`monai_mdm.transforms.LoadClassMapd`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from monai.config import KeysCollection
-from monai.transforms.transform import MapTransform
 
-from monai_mdm.data.instances import _path_of, files_by_stem, image_size, natural_sort_key
+from monai_mdm.data.folder import files_by_stem, natural_sort_key
+from monai_mdm.data.instances import image_size
 
 __all__ = [
     "CELEBA19_CLASSES",
     "FFHQ34_CLASSES",
-    "LoadClassMapD",
-    "LoadClassMapDict",
-    "LoadClassMapd",
+    "check_num_classes",
     "face_palette",
     "faces_datalist",
     "read_class_map",
@@ -182,7 +179,8 @@ def read_class_map(
     return arr.astype(np.int64)
 
 
-def _check_num_classes(num_classes: Any, ignore_index: int) -> int:
+def check_num_classes(num_classes: Any, ignore_index: int) -> int:
+    """``num_classes`` as an int, checked once for the datalist and the loading transform alike."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int (FFHQ-34: 34, CelebA-19: 19), got {num_classes!r}.")
     if 0 <= ignore_index < num_classes:
@@ -208,7 +206,7 @@ def faces_datalist(
             stops the run before training instead of in the middle of it; False only lists the files.
         ignore_index: the "ignore" value of the maps.
     """
-    num_classes = _check_num_classes(num_classes, ignore_index)
+    num_classes = check_num_classes(num_classes, ignore_index)
     root = Path(root)
     folder = root
     if split is not None:
@@ -234,66 +232,3 @@ def faces_datalist(
             read_class_map(label, num_classes, ignore_index, image=image)
         out.append({"image": str(image), "label": str(label), "name": name})
     return out
-
-
-class LoadClassMapd(MapTransform):
-    """Load ``.npy`` class maps to ``(1, H, W)`` arrays, checking them against their image and the class count.
-
-    ``d[key]`` is the map's path; when it is missing or None the map is looked for as ``<image stem>.npy`` next
-    to the image. Put it before or after ``LoadImaged`` (the image file is then taken from the MetaTensor).
-
-    Args:
-        keys: keys of the class maps.
-        num_classes: K (34 for FFHQ-34, 19 for CelebA-19); other values than 0..K-1 and ``ignore_index`` fail.
-        image_key: key of the image (path or loaded MetaTensor); None skips the size check.
-        ignore_index: the "ignore" value, kept as it is.
-        dtype: output type; the default uint8 holds 0..254 and 255 = ignore, at 1/8 of int64's memory (cast to
-            int64 where a loss needs it). Values that do not fit switch it to int64.
-        allow_missing_keys: don't raise if a key is missing.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection = "label",
-        num_classes: int = 34,
-        image_key: str | None = "image",
-        ignore_index: int = 255,
-        dtype: Any = np.uint8,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.num_classes = _check_num_classes(num_classes, ignore_index)
-        self.image_key = image_key
-        self.ignore_index = int(ignore_index)
-        dtype = np.dtype(dtype)
-        lo, hi = min(0, self.ignore_index), max(self.num_classes - 1, self.ignore_index)
-        if not np.issubdtype(dtype, np.integer) or np.iinfo(dtype).min > lo or np.iinfo(dtype).max < hi:
-            dtype = np.dtype(np.int64)
-        self.dtype = dtype
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        image = None
-        if self.image_key is not None and self.image_key in d:
-            image = _path_of(d[self.image_key])
-        for key in self.keys:
-            value = d.get(key)
-            if value is None:
-                if image is None:
-                    if self.allow_missing_keys:
-                        continue
-                    raise KeyError(f"no class map under {key!r} and no image path to find '<n>.npy' from.")
-                path: str | None = str(Path(image).with_suffix(".npy"))
-            else:
-                path = _path_of(value)
-                if path is None:
-                    raise TypeError(
-                        f"LoadClassMapd expects d[{key!r}] to be a .npy path, got {type(value).__name__}; put it "
-                        "before any transform that loads the label."
-                    )
-            arr = read_class_map(path, self.num_classes, self.ignore_index, image=image)
-            d[key] = arr.astype(self.dtype)[None]
-        return d
-
-
-LoadClassMapD = LoadClassMapDict = LoadClassMapd

@@ -1,8 +1,11 @@
-"""A checked datalist for a folder of images: the input of self-supervised pretraining."""
+"""A checked datalist for a folder of images (the input of self-supervised pretraining), and the folder listing
+that every data set reader shares: files paired by stem, names in natural order."""
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,6 +14,29 @@ from PIL import Image, UnidentifiedImageError
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def natural_sort_key(text: str | os.PathLike) -> tuple:
+    """Sort key that orders embedded numbers by value, so ``train_2`` comes before ``train_10``."""
+    parts = re.split(r"(\d+)", os.fspath(text))
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
+
+
+def files_by_stem(folder: Path, suffixes: Sequence[str], kind: str = "files") -> dict[str, Path]:
+    """``{stem: path}`` of the files in ``folder`` with one of ``suffixes`` (hidden files skipped).
+
+    Readers pair images with annotations by stem, so two files with one stem (``a.png`` and ``a.tif``) are an
+    error naming both rather than a silent choice.
+    """
+    out: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith("."):
+            if p.stem in out:
+                raise ValueError(
+                    f"'{folder}' holds two {kind} named '{p.stem}': '{out[p.stem].name}' and '{p.name}'; keep one."
+                )
+            out[p.stem] = p
+    return out
 
 
 def _is_annotation(path: Path) -> bool:

@@ -14,7 +14,8 @@ import os
 import re
 from pathlib import Path
 
-from monai_mdm.data.instances import image_size, natural_sort_key
+from monai_mdm.data.folder import natural_sort_key
+from monai_mdm.data.instances import image_size
 
 __all__ = ["GLAS_SPLITS", "glas_datalist", "read_glas_grades"]
 
@@ -75,7 +76,7 @@ def glas_datalist(
             wrong pair stops the run before training instead of in a data-loader worker.
 
     ``"label"`` is the ``_anno`` file (instance ids); load it with
-    :class:`monai_mdm.data.instances.LoadInstanceMaskd`.
+    :class:`monai_mdm.transforms.LoadInstanceMaskd`.
     """
     root = Path(root).expanduser()
     if split not in GLAS_SPLITS:

@@ -1,4 +1,4 @@
-"""Reading annotations into instance maps, and the dictionary transform that does it in a pipeline.
+"""Reading annotations into instance maps: the reader behind :class:`monai_mdm.transforms.LoadInstanceMaskd`.
 
 Object-level metrics (object Dice, object Hausdorff, AJI) need the instance map, and training needs
 the binary foreground; both come from one read so that they cannot disagree. The annotation formats:
@@ -13,52 +13,18 @@ the binary foreground; both come from one read so that they cannot disagree. The
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import tifffile
-from monai.config import KeysCollection
-from monai.transforms.transform import MapTransform
 from PIL import Image, UnidentifiedImageError
 from scipy import ndimage as ndi
 
-__all__ = [
-    "LoadInstanceMaskd",
-    "LoadInstanceMaskD",
-    "LoadInstanceMaskDict",
-    "image_size",
-    "files_by_stem",
-    "natural_sort_key",
-    "read_instance_map",
-]
+from monai_mdm.data.monuseg import rasterize_monuseg_xml
+
+__all__ = ["image_size", "read_instance_map"]
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
-
-
-def natural_sort_key(text: str | os.PathLike) -> tuple:
-    """Sort key that orders embedded numbers by value, so ``train_2`` comes before ``train_10``."""
-    parts = re.split(r"(\d+)", os.fspath(text))
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
-
-
-def files_by_stem(folder: Path, suffixes: Sequence[str], kind: str = "files") -> dict[str, Path]:
-    """``{stem: path}`` of the files in ``folder`` with one of ``suffixes`` (hidden files skipped).
-
-    Readers pair images with annotations by stem, so two files with one stem (``a.png`` and ``a.tif``) are an
-    error naming both rather than a silent choice.
-    """
-    out: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith("."):
-            if p.stem in out:
-                raise ValueError(
-                    f"'{folder}' holds two {kind} named '{p.stem}': '{out[p.stem].name}' and '{p.name}'; keep one."
-                )
-            out[p.stem] = p
-    return out
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -177,8 +143,6 @@ def read_instance_map(
             raise ValueError(
                 f"annotation '{path}' is a polygon XML: pass the image (or its shape) so it can be rasterised."
             )
-        from monai_mdm.data.monuseg import rasterize_monuseg_xml  # here: monuseg imports from this module
-
         inst = rasterize_monuseg_xml(path, expected)
         return (ndi.label(inst > 0, structure=np.ones((3, 3)))[0].astype(np.int32)) if binarize else inst
 
@@ -198,74 +162,3 @@ def read_instance_map(
             raise ValueError(f"annotation '{path}' holds NaN/inf values; re-export the mask.")
         return ndi.label(arr > 0, structure=np.ones((3, 3)))[0].astype(np.int32)
     return _as_instance_ids(arr, path)
-
-
-def _path_of(value: Any) -> str | None:
-    """The file behind a datalist value: a path, or the ``filename_or_obj`` of an already loaded MetaTensor."""
-    if isinstance(value, (str, os.PathLike)):
-        return os.fspath(value)
-    meta = getattr(value, "meta", None)
-    if isinstance(meta, Mapping):
-        name = meta.get("filename_or_obj")
-        if isinstance(name, (str, os.PathLike)) and os.fspath(name):
-            return os.fspath(name)
-    return None
-
-
-class LoadInstanceMaskd(MapTransform):
-    """Load annotation files into a binary class map and an instance map.
-
-    For each key: ``d[key]`` (the annotation path) becomes the ``(1, H, W)`` uint8 foreground map
-    (0/1), and ``d[key + instance_postfix]`` the ``(1, H, W)`` int32 instance map, both numpy.
-    Put it before ``LoadImaged`` (or after it: the image file is then taken from the MetaTensor's
-    ``filename_or_obj``), so that the annotation is checked against the size of its image, which
-    also gives MoNuSeg XML polygons their raster size.
-
-    Args:
-        keys: keys of annotation paths.
-        image_key: key of the image (path or loaded MetaTensor); None skips the size check.
-        instance_postfix: the instance map goes to ``key + instance_postfix`` (``"label_instances"``).
-        binarize: True: masks (> 0 = foreground, instances = connected components); False: pixel values
-            are instance ids; None: per entry, binarise when ``d[format_key] == "binary"`` (set by
-            :func:`monai_mdm.data.preprocessed.preprocessed_datalist`).
-        format_key: entry key read when ``binarize`` is None.
-        allow_missing_keys: don't raise if a key is missing.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection = "label",
-        image_key: str | None = "image",
-        instance_postfix: str = "_instances",
-        binarize: bool | None = None,
-        format_key: str = "label_format",
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        if not instance_postfix:
-            raise ValueError("instance_postfix must be non-empty, or the instance map would replace the class map.")
-        self.image_key = image_key
-        self.instance_postfix = instance_postfix
-        self.binarize = binarize
-        self.format_key = format_key
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        image = None
-        if self.image_key is not None and self.image_key in d:
-            image = _path_of(d[self.image_key])
-        binarize = self.binarize if self.binarize is not None else d.get(self.format_key) == "binary"
-        for key in self.key_iterator(d):
-            path = _path_of(d[key])
-            if path is None:
-                raise TypeError(
-                    f"LoadInstanceMaskd expects d[{key!r}] to be an annotation path, got {type(d[key]).__name__}; "
-                    "put LoadInstanceMaskd before any transform that loads the label."
-                )
-            inst = read_instance_map(path, image=image, binarize=binarize)
-            d[f"{key}{self.instance_postfix}"] = inst[None]
-            d[key] = (inst > 0).astype(np.uint8)[None]
-        return d
-
-
-LoadInstanceMaskD = LoadInstanceMaskDict = LoadInstanceMaskd

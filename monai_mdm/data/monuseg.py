@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from skimage.draw import polygon as draw_polygon
 
-from monai_mdm.data.instances import files_by_stem, natural_sort_key
+from monai_mdm.data.folder import files_by_stem, natural_sort_key
 
 __all__ = ["MONUSEG_IMAGE_EXTENSIONS", "monuseg_datalist", "rasterize_monuseg_xml", "read_monuseg_polygons"]
 
@@ -149,7 +149,7 @@ def monuseg_datalist(root: str | os.PathLike, split: str = "train") -> list[dict
     ``root`` may be the folder holding the official ``MoNuSeg 2018 Training Data`` and ``MoNuSegTestData``
     (``split`` picks one), a folder holding ``Tissue Images`` and ``Annotations``, or a folder with images
     and XMLs side by side (for the last two ``split`` is not used). Every image must have its XML and
-    every XML its image. Load labels with :class:`monai_mdm.data.instances.LoadInstanceMaskd`.
+    every XML its image. Load labels with :class:`monai_mdm.transforms.LoadInstanceMaskd`.
     """
     root = Path(root).expanduser()
     image_dir, xml_dir = _resolve_folders(root, split)

@@ -11,7 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-from monai_mdm.data.instances import files_by_stem, natural_sort_key
+from monai_mdm.data.folder import files_by_stem, natural_sort_key
 
 __all__ = ["preprocessed_datalist"]
 
@@ -50,7 +50,7 @@ def preprocessed_datalist(
 
     The label naming (``<name>_anno.<ext>`` or ``<name>.<ext>``) is detected from the files. Every image
     needs its label and every label its image. ``"label_format": "binary"`` tells
-    :class:`monai_mdm.data.instances.LoadInstanceMaskd` to binarise (> 0) and take connected
+    :class:`monai_mdm.transforms.LoadInstanceMaskd` to binarise (> 0) and take connected
     components as instances.
     """
     root = Path(root).expanduser()

@@ -25,21 +25,17 @@ from typing import Any
 
 import torch
 from monai.engines.utils import PrepareBatch
-from monai.utils import CommonKeys
+from monai.utils import CommonKeys, convert_to_tensor
 
 from monai_mdm.networks.features import MDMFeatureExtractor
 
 __all__ = ["CachedFeaturePrepareBatch", "OnlineFeaturePrepareBatch"]
 
 
-def _plain(x: torch.Tensor) -> torch.Tensor:
-    return x.as_tensor() if hasattr(x, "as_tensor") else x
-
-
 def _labels(batch: Mapping[str, Any], key: str, device: Any, non_blocking: bool) -> torch.Tensor:
     if key not in batch:
         raise KeyError(f"batch has no key '{key}' (keys: {sorted(batch)}).")
-    labels = _plain(torch.as_tensor(batch[key]))
+    labels = convert_to_tensor(batch[key], wrap_sequence=True, track_meta=False)
     if labels.is_floating_point():
         labels = labels.round()
     labels = labels.to(device=device, non_blocking=non_blocking).long()
@@ -49,7 +45,7 @@ def _labels(batch: Mapping[str, Any], key: str, device: Any, non_blocking: bool)
 
 
 class CachedFeaturePrepareBatch(PrepareBatch):
-    """Batch of :class:`~monai_mdm.engines.feature_cache.FeatureCache` items -> head inputs and labels.
+    """Batch of :class:`~monai_mdm.data.feature_cache.FeatureCache` items -> head inputs and labels.
 
     The cached native-resolution blocks are moved to ``device``; the stored float32 norms (so fp16 caching does
     not change the normalisation) are used when the extractor normalises, and recomputed from the blocks when the
@@ -93,12 +89,14 @@ class CachedFeaturePrepareBatch(PrepareBatch):
     ) -> tuple[torch.Tensor, torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor, tuple, dict[str, Any]]:
         if not isinstance(batchdata, Mapping) or self.blocks_key not in batchdata:
             raise KeyError(f"expected a dict batch with '{self.blocks_key}' (collated FeatureCache items).")
-        blocks = [_plain(b).to(device=device, non_blocking=non_blocking) for b in batchdata[self.blocks_key]]
+        blocks = convert_to_tensor(list(batchdata[self.blocks_key]), track_meta=False)
+        blocks = [b.to(device=device, non_blocking=non_blocking) for b in blocks]
         labels = _labels(batchdata, self.label_key, device, non_blocking)
         spatial_size = tuple(int(s) for s in labels.shape[1:])
         norms = batchdata.get(self.norm_key)
         if norms is not None:
-            norms = _plain(torch.as_tensor(norms)).to(device=device, non_blocking=non_blocking).reshape(-1)
+            norms = convert_to_tensor(norms, wrap_sequence=True, track_meta=False)
+            norms = norms.to(device=device, non_blocking=non_blocking).reshape(-1)
         if not self.blockwise:
             features = self.extractor.assemble(blocks, spatial_size, norms=norms)
             return features, labels
@@ -152,7 +150,8 @@ class OnlineFeaturePrepareBatch(PrepareBatch):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(batchdata, Mapping) or self.image_key not in batchdata:
             raise KeyError(f"expected a dict batch with '{self.image_key}'.")
-        images = _plain(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking).float()
+        images = convert_to_tensor(batchdata[self.image_key], track_meta=False)
+        images = images.to(device=device, non_blocking=non_blocking).float()
         labels = _labels(batchdata, self.label_key, device, non_blocking)
         if device is not None:
             self.extractor.to(device)

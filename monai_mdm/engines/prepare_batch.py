@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from monai.engines.utils import PrepareBatch, default_prepare_batch
-from monai.utils import CommonKeys
+from monai.utils import CommonKeys, convert_to_tensor
 
 from monai_mdm.transforms.corruption import Corruption
 
@@ -61,8 +61,7 @@ class CorruptionPrepareBatch(PrepareBatch):
         else:
             clean = batchdata
         clean = default_prepare_batch({CommonKeys.IMAGE: clean}, device, non_blocking, **kwargs)[0]
-        if isinstance(clean, torch.Tensor) and hasattr(clean, "as_tensor"):
-            clean = clean.as_tensor()  # MetaTensor bookkeeping is of no use to the training step
+        clean = convert_to_tensor(clean, track_meta=False)  # MetaTensor bookkeeping is of no use to the step
         timesteps = self.draw_timesteps(clean.shape[0], clean.device)
         corrupted = self.corruption(clean, timesteps)
         return corrupted, clean, (), {"timesteps": timesteps}

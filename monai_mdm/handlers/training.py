@@ -57,7 +57,7 @@ class HeldOutEarlyStopping:
     and put the best weights back when training ends (before the model is saved: attach it first).
 
     ``data`` are items of the same kind as the training batches (held-out windows from
-    :func:`~monai_mdm.engines.holdout_split`, or their :func:`~monai_mdm.engines.heldout_cache` features); they
+    :func:`~monai_mdm.data.holdout_split`, or their :func:`~monai_mdm.data.heldout_cache` features); they
     go through the trainer's own ``prepare_batch`` and ``network``, so the handler serves a head on cached
     features, a head on online features and a UNet alike. The score is the mean cross entropy over labelled
     pixels (``metric="loss"``) or the mean foreground Dice over all held-out pixels (``metric="dice"``); both

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from monai.utils import convert_to_tensor
 from torch import nn
 
 from monai_mdm.networks.mdm_unet import MDMUNet
@@ -228,8 +229,7 @@ class MDMFeatureExtractor(nn.Module):
                 f"{self.network.size_divisor} and the corruption's patch size); crop or pad the image "
                 f"(MDMSegmenter pads automatically)."
             )
-        if hasattr(images, "as_tensor"):
-            images = images.as_tensor()  # MetaTensor bookkeeping is of no use here
+        images = convert_to_tensor(images, track_meta=False)  # MetaTensor bookkeeping is of no use here
         if self.network.training:
             self.network.eval()
         with self._grad_mode():

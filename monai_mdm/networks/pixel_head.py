@@ -11,6 +11,11 @@ L2 normalisation is one scalar per image, so ``conv1(concat_i(up(b_i)) / n) = su
 side: each projection runs at the block's native resolution and only ``h1``-channel maps are upsampled, so the
 ``in_channels``-wide map (1728 x 256 x 256 fp32 = 453 MB for the paper's blocks 8..12) is never built.
 :class:`BlockwiseHead` exposes it as a trainer's ``network``.
+
+DDPM-seg trains 10 heads one after another and lets them vote. Their parameters never interact, so the sum of
+their losses has exactly each head's own gradient: :class:`EnsembleLogits` stacks every head's logits so that one
+``SupervisedTrainer`` (with :class:`~monai_mdm.losses.EnsembleCrossEntropy`) trains them all in one pass over the
+cached features instead of ten.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch.nn.functional as F
 from monai.networks.layers.factories import Conv, Norm
 from torch import nn
 
-__all__ = ["PixelMLPHead", "PixelHeadEnsemble", "BlockwiseHead", "default_hidden_channels"]
+__all__ = ["PixelMLPHead", "PixelHeadEnsemble", "BlockwiseHead", "EnsembleLogits", "default_hidden_channels"]
 
 _EPS = 1e-12  # norms are clamped to this, as MDMFeatureExtractor.assemble does
 
@@ -321,3 +326,29 @@ class BlockwiseHead(nn.Module):
                 "to the plain head (use CachedFeaturePrepareBatch(extractor, blockwise=True) with this wrapper)."
             )
         return self.head.forward_blocks(blocks, spatial_size, norms)
+
+
+class EnsembleLogits(nn.Module):
+    """Training view of a :class:`PixelHeadEnsemble`: the logits of every head, stacked on dim 1.
+
+    Takes assembled features (B, C, *spatial), or native-resolution blocks with ``spatial_size`` and
+    ``norms`` as :class:`~monai_mdm.engines.CachedFeaturePrepareBatch` returns them (the fast path, see
+    :meth:`PixelMLPHead.forward_blocks`); returns (B, N, classes, *spatial). Inference uses the ensemble
+    itself (majority vote).
+    """
+
+    def __init__(self, ensemble: PixelHeadEnsemble) -> None:
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(
+        self,
+        features: torch.Tensor | Sequence[torch.Tensor],
+        spatial_size: Sequence[int] | None = None,
+        norms: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if torch.is_tensor(features):
+            return torch.stack([head(features) for head in self.ensemble.heads], dim=1)
+        if spatial_size is None:
+            raise ValueError("native-resolution blocks need spatial_size (and norms) to be assembled.")
+        return torch.stack([h.forward_blocks(features, spatial_size, norms) for h in self.ensemble.heads], dim=1)

@@ -1,4 +1,4 @@
-"""MDM transforms: batched corruptions (training/feature extraction) and MONAI array/dict transforms."""
+"""MDM transforms: batched corruptions (training/feature extraction), MONAI array/dict transforms, label loaders."""
 
 from monai_mdm.transforms.array import EnsureRGB, RandPatchMask
 from monai_mdm.transforms.corruption import (
@@ -13,6 +13,12 @@ from monai_mdm.transforms.dictionary import (
     EnsureRGBD,
     EnsureRGBd,
     EnsureRGBDict,
+    LoadClassMapD,
+    LoadClassMapd,
+    LoadClassMapDict,
+    LoadInstanceMaskD,
+    LoadInstanceMaskd,
+    LoadInstanceMaskDict,
     RandPatchMaskD,
     RandPatchMaskd,
     RandPatchMaskDict,
@@ -33,4 +39,10 @@ __all__ = [
     "EnsureRGBd",
     "EnsureRGBD",
     "EnsureRGBDict",
+    "LoadInstanceMaskd",
+    "LoadInstanceMaskD",
+    "LoadInstanceMaskDict",
+    "LoadClassMapd",
+    "LoadClassMapD",
+    "LoadClassMapDict",
 ]

@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
+from monai.utils import ensure_tuple_rep
 
 __all__ = [
     "Corruption",
@@ -21,21 +22,6 @@ __all__ = [
     "GaussianNoise",
     "guided_diffusion_linear_betas",
 ]
-
-
-def _ensure_tuple_dim(patch_size: int | Sequence[int], ndim: int) -> tuple[int, ...]:
-    """Expand an int patch size to one size per spatial dimension (cubic patches)."""
-    if isinstance(patch_size, int):
-        sizes = (patch_size,) * ndim
-    else:
-        sizes = tuple(int(p) for p in patch_size)
-        if len(sizes) == 1:
-            sizes = sizes * ndim
-        if len(sizes) != ndim:
-            raise ValueError(f"patch_size {tuple(patch_size)} does not match {ndim} spatial dimensions.")
-    if any(p < 1 for p in sizes):
-        raise ValueError(f"patch_size must be positive, got {sizes}.")
-    return sizes
 
 
 def patch_grid_shape(
@@ -48,7 +34,9 @@ def patch_grid_shape(
     last patch along a dimension is partial (cropped at the border).
     """
     spatial_shape = tuple(int(s) for s in spatial_shape)
-    sizes = _ensure_tuple_dim(patch_size, len(spatial_shape))
+    sizes = tuple(int(p) for p in ensure_tuple_rep(patch_size, len(spatial_shape)))
+    if any(p < 1 for p in sizes):
+        raise ValueError(f"patch_size must be positive, got {sizes}.")
     if not pad:
         for dim, (s, p) in enumerate(zip(spatial_shape, sizes)):
             if s % p != 0:
@@ -76,8 +64,8 @@ def patch_keep_mask(
     CPU generator gives the same mask whatever ``device`` is.
     """
     spatial_shape = tuple(int(s) for s in spatial_shape)
-    sizes = _ensure_tuple_dim(patch_size, len(spatial_shape))
-    grid = patch_grid_shape(spatial_shape, sizes, pad)
+    grid = patch_grid_shape(spatial_shape, patch_size, pad)  # checks patch_size
+    sizes = tuple(int(p) for p in ensure_tuple_rep(patch_size, len(spatial_shape)))
     num_patches = math.prod(grid)
 
     if device is None:

@@ -1,8 +1,12 @@
-"""Dictionary versions of the MDM array transforms, for MONAI dict-based pipelines."""
+"""Dictionary transforms for MONAI dict-based pipelines: the MDM array transforms, and the loaders of the
+annotation files (instance maps, face class maps) built on the readers in :mod:`monai_mdm.data`."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,6 +15,8 @@ from monai.config.type_definitions import NdarrayOrTensor
 from monai.transforms.transform import MapTransform, Randomizable
 from monai.utils.type_conversion import convert_to_dst_type
 
+from monai_mdm.data.faces import check_num_classes, read_class_map
+from monai_mdm.data.instances import read_instance_map
 from monai_mdm.transforms.array import EnsureRGB, RandPatchMask
 
 __all__ = [
@@ -20,6 +26,12 @@ __all__ = [
     "EnsureRGBd",
     "EnsureRGBD",
     "EnsureRGBDict",
+    "LoadInstanceMaskd",
+    "LoadInstanceMaskD",
+    "LoadInstanceMaskDict",
+    "LoadClassMapd",
+    "LoadClassMapD",
+    "LoadClassMapDict",
 ]
 
 
@@ -102,5 +114,136 @@ class EnsureRGBd(MapTransform):
         return d
 
 
+def _path_of(value: Any) -> str | None:
+    """The file behind a datalist value: a path, or the ``filename_or_obj`` of an already loaded MetaTensor."""
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    meta = getattr(value, "meta", None)
+    if isinstance(meta, Mapping):
+        name = meta.get("filename_or_obj")
+        if isinstance(name, (str, os.PathLike)) and os.fspath(name):
+            return os.fspath(name)
+    return None
+
+
+def _image_file(d: Mapping[Hashable, Any], image_key: str | None) -> str | None:
+    """The image file that an entry's annotation is checked against; None (no check) without an image."""
+    return _path_of(d[image_key]) if image_key is not None and image_key in d else None
+
+
+class LoadInstanceMaskd(MapTransform):
+    """Load annotation files into a binary class map and an instance map.
+
+    For each key: ``d[key]`` (the annotation path) becomes the ``(1, H, W)`` uint8 foreground map
+    (0/1), and ``d[key + instance_postfix]`` the ``(1, H, W)`` int32 instance map, both numpy.
+    Put it before ``LoadImaged`` (or after it: the image file is then taken from the MetaTensor's
+    ``filename_or_obj``), so that the annotation is checked against the size of its image, which
+    also gives MoNuSeg XML polygons their raster size.
+
+    Args:
+        keys: keys of annotation paths.
+        image_key: key of the image (path or loaded MetaTensor); None skips the size check.
+        instance_postfix: the instance map goes to ``key + instance_postfix`` (``"label_instances"``).
+        binarize: True: masks (> 0 = foreground, instances = connected components); False: pixel values
+            are instance ids; None: per entry, binarise when ``d[format_key] == "binary"`` (set by
+            :func:`monai_mdm.data.preprocessed.preprocessed_datalist`).
+        format_key: entry key read when ``binarize`` is None.
+        allow_missing_keys: don't raise if a key is missing.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "label",
+        image_key: str | None = "image",
+        instance_postfix: str = "_instances",
+        binarize: bool | None = None,
+        format_key: str = "label_format",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if not instance_postfix:
+            raise ValueError("instance_postfix must be non-empty, or the instance map would replace the class map.")
+        self.image_key = image_key
+        self.instance_postfix = instance_postfix
+        self.binarize = binarize
+        self.format_key = format_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = _image_file(d, self.image_key)
+        binarize = self.binarize if self.binarize is not None else d.get(self.format_key) == "binary"
+        for key in self.key_iterator(d):
+            path = _path_of(d[key])
+            if path is None:
+                raise TypeError(
+                    f"LoadInstanceMaskd expects d[{key!r}] to be an annotation path, got {type(d[key]).__name__}; "
+                    "put LoadInstanceMaskd before any transform that loads the label."
+                )
+            inst = read_instance_map(path, image=image, binarize=binarize)
+            d[f"{key}{self.instance_postfix}"] = inst[None]
+            d[key] = (inst > 0).astype(np.uint8)[None]
+        return d
+
+
+class LoadClassMapd(MapTransform):
+    """Load ``.npy`` class maps to ``(1, H, W)`` arrays, checking them against their image and the class count.
+
+    ``d[key]`` is the map's path; when it is missing or None the map is looked for as ``<image stem>.npy`` next
+    to the image. Put it before or after ``LoadImaged`` (the image file is then taken from the MetaTensor).
+
+    Args:
+        keys: keys of the class maps.
+        num_classes: K (34 for FFHQ-34, 19 for CelebA-19); other values than 0..K-1 and ``ignore_index`` fail.
+        image_key: key of the image (path or loaded MetaTensor); None skips the size check.
+        ignore_index: the "ignore" value, kept as it is.
+        dtype: output type; the default uint8 holds 0..254 and 255 = ignore, at 1/8 of int64's memory (cast to
+            int64 where a loss needs it). Values that do not fit switch it to int64.
+        allow_missing_keys: don't raise if a key is missing.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "label",
+        num_classes: int = 34,
+        image_key: str | None = "image",
+        ignore_index: int = 255,
+        dtype: Any = np.uint8,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.num_classes = check_num_classes(num_classes, ignore_index)
+        self.image_key = image_key
+        self.ignore_index = int(ignore_index)
+        dtype = np.dtype(dtype)
+        lo, hi = min(0, self.ignore_index), max(self.num_classes - 1, self.ignore_index)
+        if not np.issubdtype(dtype, np.integer) or np.iinfo(dtype).min > lo or np.iinfo(dtype).max < hi:
+            dtype = np.dtype(np.int64)
+        self.dtype = dtype
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = _image_file(d, self.image_key)
+        for key in self.keys:
+            value = d.get(key)
+            if value is None:
+                if image is None:
+                    if self.allow_missing_keys:
+                        continue
+                    raise KeyError(f"no class map under {key!r} and no image path to find '<n>.npy' from.")
+                path: str | None = str(Path(image).with_suffix(".npy"))
+            else:
+                path = _path_of(value)
+                if path is None:
+                    raise TypeError(
+                        f"LoadClassMapd expects d[{key!r}] to be a .npy path, got {type(value).__name__}; put it "
+                        "before any transform that loads the label."
+                    )
+            arr = read_class_map(path, self.num_classes, self.ignore_index, image=image)
+            d[key] = arr.astype(self.dtype)[None]
+        return d
+
+
 RandPatchMaskD = RandPatchMaskDict = RandPatchMaskd
 EnsureRGBD = EnsureRGBDict = EnsureRGBd
+LoadInstanceMaskD = LoadInstanceMaskDict = LoadInstanceMaskd
+LoadClassMapD = LoadClassMapDict = LoadClassMapd

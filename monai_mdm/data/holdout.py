@@ -6,7 +6,8 @@ image from ``seed``); the training crops come from the rest of the image only, s
 The strip's labelled pixels are returned as crop-sized windows: the window covers the strip and, where the strip
 is narrower than the crop, some of the training part as context; labels outside the strip are ``ignore_index``,
 so only the strip's pixels are scored. An image shorter than ``1 / fraction`` pixels along that axis gives no
-strip (it is trained on whole).
+strip (it is trained on whole). Both halves are data sets, so this module sits beside
+:class:`~monai_mdm.data.feature_cache.FeatureCache`, which caches the windows' features.
 """
 
 from __future__ import annotations
@@ -18,15 +19,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.utils import CommonKeys
+from monai.utils import CommonKeys, convert_to_tensor
+
+from monai_mdm.data.feature_cache import FeatureCache
 
 __all__ = ["heldout_cache", "holdout_split"]
 
 logger = logging.getLogger(__name__)
-
-
-def _tensor(x: Any) -> torch.Tensor:
-    return torch.as_tensor(x.as_tensor() if hasattr(x, "as_tensor") else x)
 
 
 def _items(data: Iterable[Any]) -> Iterable[Any]:
@@ -63,7 +62,8 @@ def holdout_split(
     windows: list[dict[str, torch.Tensor]] = []
     held = 0
     for item in _items(data):
-        image, label = _tensor(item[image_key]).float(), _tensor(item[label_key])
+        image = convert_to_tensor(item[image_key], wrap_sequence=True, track_meta=False).float()
+        label = convert_to_tensor(item[label_key], wrap_sequence=True, track_meta=False)
         nd = image.ndim - 1
         if label.ndim == nd:
             label = label.unsqueeze(0)
@@ -118,10 +118,8 @@ def heldout_cache(
 ) -> Any:
     """Cached features of held-out windows (:func:`holdout_split`): one item per window, no augmentation, the
     extractor's own fixed corruption seed; ``[]`` when nothing was held out."""
-    from monai_mdm.engines.feature_cache import FeatureCache
-
     if not windows:
         return []
-    size = tuple(int(s) for s in _tensor(windows[0][CommonKeys.IMAGE]).shape[1:])
+    size = tuple(int(s) for s in convert_to_tensor(windows[0][CommonKeys.IMAGE], track_meta=False).shape[1:])
     return FeatureCache(extractor, windows, crop_size=size, crops_per_image=1, fp16=fp16, vary_masks=False,
                         augment=False, device=device)  # fmt: skip

@@ -3,7 +3,8 @@
 The reference recomputes the features of a fresh crop every iteration (one UNet forward per crop per step);
 DDPM-seg keeps every pixel's upsampled features (~210 GB for 50 images). This cache sits in between: a fixed
 number of random crops per labelled image, stored at the blocks' native resolution (fp16 by default), upsampled
-only when a batch is assembled (:class:`~monai_mdm.engines.feature_batch.CachedFeaturePrepareBatch`).
+only when a batch is assembled (:class:`~monai_mdm.engines.feature_batch.CachedFeaturePrepareBatch`). It lives with
+the data sets because that is what it is: a ``torch.utils.data.Dataset`` that any ``DataLoader`` can batch.
 
 Memory per crop = sum over blocks of ``C_b * prod(crop / downsample_b)`` elements x 2 bytes (fp16) + the label crop
 (1 byte per pixel for labels in 0..255) + a few bytes. For the paper network, blocks 8..12 and 256 x 256 crops the
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.utils import CommonKeys
+from monai.utils import CommonKeys, convert_to_tensor
 from torch.utils.data import Dataset
 
 from monai_mdm.networks.features import MDMFeatureExtractor
@@ -31,12 +32,6 @@ __all__ = ["FeatureCache"]
 logger = logging.getLogger(__name__)
 
 _ENUMERATE = 2**22  # up to this many distinct crop views per image, crops are drawn without replacement
-
-
-def _as_tensor(x: Any) -> torch.Tensor:
-    if hasattr(x, "as_tensor"):
-        x = x.as_tensor()
-    return torch.as_tensor(x)
 
 
 class FeatureCache(Dataset):
@@ -198,7 +193,8 @@ class FeatureCache(Dataset):
             image, label = item[self.image_key], item[self.label_key]
         else:
             image, label = item
-        image, label = _as_tensor(image).float(), _as_tensor(label)
+        image = convert_to_tensor(image, wrap_sequence=True, track_meta=False).float()
+        label = convert_to_tensor(label, wrap_sequence=True, track_meta=False)
         nd = self.extractor.spatial_dims
         if image.ndim != nd + 1:
             raise ValueError(f"images must be (C, *spatial) with {nd} spatial dims, got {tuple(image.shape)}.")
