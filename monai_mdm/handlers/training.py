@@ -19,14 +19,15 @@ from monai_mdm.distributed import all_gather_objects, get_rank, get_world_size, 
 logger = logging.getLogger(__name__)
 
 
-def epochs_for_steps(max_steps: int, epoch_length: int) -> int:
+def epochs_for_steps(max_steps: int, epoch_length: int, setting: str = "max_steps") -> int:
     """Ignite epochs of ``epoch_length`` iterations that hold ``max_steps`` optimiser steps (the last epoch is cut
     short by :class:`StopAtStep`). The schedule is counted in steps so that it does not grow with the
-    number of labelled images; an epoch is only the evaluation / logging period."""
+    number of labelled images; an epoch is only the evaluation / logging period. ``setting`` names
+    ``max_steps`` in errors (the pretraining bundle calls it ``max_iterations``)."""
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"max_steps must be an integer >= 1 (optimiser steps of the head), got {max_steps!r}.")
+        raise ValueError(f"--{setting} must be an integer >= 1 (optimiser steps), got {max_steps!r}.")
     if isinstance(epoch_length, bool) or not isinstance(epoch_length, int) or epoch_length < 1:
-        raise ValueError(f"epoch_length must be an integer >= 1 (steps between evaluations), got {epoch_length!r}.")
+        raise ValueError(f"--epoch_length must be an integer >= 1 (steps between evaluations), got {epoch_length!r}.")
     return math.ceil(max_steps / epoch_length)
 
 

@@ -331,6 +331,19 @@ class MDMUNet(nn.Module):
         """Every spatial size of the input must be a multiple of this."""
         return 2 ** (len(self.channel_mult) - 1)
 
+    def check_size(self, size: int | Sequence[int], setting: str = "image_size") -> None:
+        """Refuse a crop size the network cannot take before training starts, naming the setting and the divisor."""
+        div = self.size_divisor
+        sizes = [size] if isinstance(size, int) else list(size)
+        bad = [s for s in sizes if int(s) % div]
+        if bad:
+            s = int(bad[0])
+            lower, upper = max(div, s // div * div), (s // div + 1) * div
+            raise ValueError(
+                f"--{setting} {size} is not a multiple of {div}, which this network needs (2 ** (len(channel_mult) - 1) "
+                f"with channel_mult={self.channel_mult}): use e.g. {lower} or {upper}."
+            )
+
     def _encode(
         self, x: torch.Tensor, timesteps: torch.Tensor | int | float
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:

@@ -24,6 +24,17 @@ __all__ = [
 ]
 
 
+def _patch_sizes(patch_size: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    """One positive patch size per spatial dim (an int is repeated), with an error that names patch_size."""
+    try:
+        sizes = tuple(int(p) for p in ensure_tuple_rep(patch_size, ndim))
+    except ValueError as e:
+        raise ValueError(f"patch_size {patch_size!r} must be an int or {ndim} ints, one per spatial dim.") from e
+    if any(p < 1 for p in sizes):
+        raise ValueError(f"patch_size must be positive, got {sizes}.")
+    return sizes
+
+
 def patch_grid_shape(
     spatial_shape: Sequence[int], patch_size: int | Sequence[int], pad: bool = False
 ) -> tuple[int, ...]:
@@ -34,9 +45,7 @@ def patch_grid_shape(
     last patch along a dimension is partial (cropped at the border).
     """
     spatial_shape = tuple(int(s) for s in spatial_shape)
-    sizes = tuple(int(p) for p in ensure_tuple_rep(patch_size, len(spatial_shape)))
-    if any(p < 1 for p in sizes):
-        raise ValueError(f"patch_size must be positive, got {sizes}.")
+    sizes = _patch_sizes(patch_size, len(spatial_shape))
     if not pad:
         for dim, (s, p) in enumerate(zip(spatial_shape, sizes)):
             if s % p != 0:
@@ -65,7 +74,7 @@ def patch_keep_mask(
     """
     spatial_shape = tuple(int(s) for s in spatial_shape)
     grid = patch_grid_shape(spatial_shape, patch_size, pad)  # checks patch_size
-    sizes = tuple(int(p) for p in ensure_tuple_rep(patch_size, len(spatial_shape)))
+    sizes = _patch_sizes(patch_size, len(spatial_shape))
     num_patches = math.prod(grid)
 
     if device is None:
