@@ -139,9 +139,8 @@ def check_overrides(config_files: Sequence[str], overrides: Mapping[str, Any], m
                 "(capitalised) for a boolean."
             )
     if problems:
-        unknown = any("is not a setting" in p for p in problems)
-        allow = f"\n(to add a new setting on purpose, set {ALLOW_NEW_KEYS_ENV}=1)" if unknown else ""
-        raise UnknownSettingError("\n".join(problems) + allow)
+        allow = f" (To add a setting on purpose, set {ALLOW_NEW_KEYS_ENV}=1.)"
+        raise UnknownSettingError("\n".join(p + (allow if "is not a setting" in p else "") for p in problems))
 
 
 def _innermost(exc: BaseException) -> BaseException:
@@ -175,5 +174,5 @@ def install(argv: Sequence[str] | None = None) -> None:
         try:
             check_overrides(split_config_files(pairs["config_file"]), pairs, pairs.get("meta_file"))
         except UnknownSettingError as e:  # a usage error, reported the way argparse does: message, exit 2
-            sys.stderr.write(f"error: {e}\n")
+            sys.stderr.write("".join(f"error: {line}\n" for line in str(e).splitlines()))
             raise SystemExit(2) from None

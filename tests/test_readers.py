@@ -370,7 +370,7 @@ def test_budget_names_and_record():
 @pytest.mark.parametrize(
     "budget, error, message",
     [
-        (13, ValueError, "larger than the 12 images"),
+        (13, ValueError, "--label_budget 13 is larger than the 12 labelled images"),
         (0, ValueError, ">= 1"),
         (0.0, ValueError, r"in \(0, 1\]"),
         (1.5, ValueError, r"in \(0, 1\]"),

@@ -26,23 +26,23 @@ _EPS = 1e-9
 def budget_count(budget: float | int, total: int) -> int:
     """How many of ``total`` images a fraction (float in (0, 1]) or a count (int) means."""
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
-        raise TypeError(f"budget must be a fraction (float), a count (int) or a list of names, got {budget!r}.")
+        raise TypeError(f"--label_budget must be a fraction (float), a count (int) or a list of names, got {budget!r}.")
     if total < 1:
         raise ValueError("the datalist is empty: there is nothing to select from.")
     if isinstance(budget, numbers.Integral):
         count = int(budget)
         if count < 1:
-            raise ValueError(f"budget count must be >= 1, got {count}.")
+            raise ValueError(f"--label_budget {count}: a count must be >= 1 (or give a fraction such as 0.1).")
         if count > total:
             raise ValueError(
-                f"budget of {count} images is larger than the {total} images available; lower it or pass a "
+                f"--label_budget {count} is larger than the {total} labelled images available; lower it or pass a "
                 "fraction such as 0.1."
             )
         return count
     fraction = float(budget)
     if not (0.0 < fraction <= 1.0) or math.isnan(fraction):
         raise ValueError(
-            f"budget fraction must be in (0, 1], got {fraction}; e.g. 0.1 for 10% (pass an int for a count)."
+            f"--label_budget {fraction}: a fraction must be in (0, 1]; e.g. 0.1 for 10% (pass an int for a count)."
         )
     return max(1, math.floor(fraction * total + _EPS))
 
@@ -70,7 +70,7 @@ def select_labelled(
     if isinstance(budget, Sequence) or (isinstance(budget, np.ndarray) and budget.dtype.kind in "US"):
         wanted = [str(b) for b in budget]
         if not wanted:
-            raise ValueError("budget is an empty list of names; name at least one image.")
+            raise ValueError("--label_budget is an empty list of names; name at least one image.")
         names = [_name(e, i) for i, e in enumerate(datalist)]
         known = set(names)
         seen: set[str] = set()
@@ -78,9 +78,9 @@ def select_labelled(
             if w not in known:
                 close = difflib.get_close_matches(w, names, n=5, cutoff=0.6)
                 hint = f" Close names: {', '.join(close)}." if close else f" Names look like: {', '.join(names[:5])}."
-                raise ValueError(f"budget names an unknown image {w!r}; it is not in the datalist.{hint}")
+                raise ValueError(f"--label_budget names an unknown image {w!r}; it is not in the datalist.{hint}")
             if w in seen:
-                raise ValueError(f"budget names {w!r} twice; list each image once.")
+                raise ValueError(f"--label_budget names {w!r} twice; list each image once.")
             seen.add(w)
         return [e for e, n in zip(datalist, names) if n in seen]
     count = budget_count(budget, len(datalist))
