@@ -143,20 +143,29 @@ def check_overrides(config_files: Sequence[str], overrides: Mapping[str, Any], m
         raise UnknownSettingError("\n".join(p + (allow if "is not a setting" in p else "") for p in problems))
 
 
-def _innermost(exc: BaseException) -> BaseException:
+def _raised_by_monai_wrapper(exc: BaseException) -> bool:
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = Path(frames[-1].filename).as_posix() if frames else ""
+    return "/monai/bundle/" in where or where.endswith("/monai/utils/module.py")
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The first exception inside MONAI's config wrappers ("Failed to evaluate ...", "Failed to instantiate ..."):
+    the one the project (or the library it called) raised."""
     seen = {id(exc)}
-    while True:
+    while _raised_by_monai_wrapper(exc):
         nxt = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
         if nxt is None or id(nxt) in seen:
-            return exc
+            break
         seen.add(id(nxt))
         exc = nxt
+    return exc
 
 
 def excepthook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
     """The usual traceback, then the cause of MONAI's wrapper as the last lines a user reads."""
     traceback.print_exception(exc_type, exc, tb)
-    cause = _innermost(exc)
+    cause = _cause(exc)
     if cause is not exc and not isinstance(cause, KeyboardInterrupt):
         sys.stderr.write(f"\nerror: {type(cause).__name__}: {cause}\n")
         sys.stderr.flush()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,6 +48,47 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
         f.flush()
         os.fsync(f.fileno())
     return Path(path)
+
+
+def prepare_output_folder(folder: str | os.PathLike, setting: str = "output_dir") -> Path:
+    """Create ``folder``, prove it writable now (not at the first checkpoint, hours later) and remove the
+    temporary files that a killed atomic write left in it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise PermissionError(
+            f"--{setting}: cannot write to '{folder}' ({e.strerror or e}); choose a folder you can write to."
+        ) from e
+    for stale in folder.glob(".*.tmp"):  # atomic_path's temporary files: a write was killed midway
+        stale.unlink(missing_ok=True)
+    return folder
+
+
+class StagedFolder:
+    """A folder whose files appear as a set: they are written into a hidden sibling that replaces ``final``
+    only on :meth:`commit`, so a run that fails midway leaves the previous folder whole (never new predictions
+    beside old metrics). A sibling left by a killed run is removed by the next :meth:`begin`."""
+
+    def __init__(self, final: str | os.PathLike) -> None:
+        self.final = Path(final)
+        self.partial = self.final.parent / f".{self.final.name}.partial"
+        self._old = self.final.parent / f".{self.final.name}.old"
+
+    def begin(self) -> Path:
+        shutil.rmtree(self.partial, ignore_errors=True)
+        self.partial.mkdir(parents=True)
+        return self.partial
+
+    def commit(self) -> Path:
+        shutil.rmtree(self._old, ignore_errors=True)
+        if self.final.exists():
+            os.replace(self.final, self._old)
+        os.replace(self.partial, self.final)
+        shutil.rmtree(self._old, ignore_errors=True)
+        return self.final
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:

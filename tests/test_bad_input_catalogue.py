@@ -35,6 +35,8 @@ CASES = {
     "pretrain crop size": Case(PRETRAIN, ("--image_size", "50"), "--image_size 50 is not a multiple of"),
     "pretrain no data": Case(PRETRAIN, ("--dataset_dir", "{tmp}/nothing"), "dataset_dir '{tmp}/nothing' does not exist"),
     "pretrain preset": Case(PRETRAIN, ("--preset", "huge"), "unknown MDMUNet preset 'huge'"),
+    "pretrain unwritable output": Case(PRETRAIN, ("--max_iterations", "2", "--output_dir", "{tmp}/page.pt/run"),
+                                       "--output_dir: cannot write to '{tmp}/page.pt/run/models'"),
     "weights missing": Case(GLAS, ("--pretrained_weights", "{tmp}/none.pt"), "pretrained weights '{tmp}/none.pt' not found"),
     "weights web page": Case(GLAS, ("--pretrained_weights", "{tmp}/page.pt"), "'{tmp}/page.pt' is a web page"),
     "weights empty": Case(GLAS, ("--pretrained_weights", "{tmp}/empty.pt"), "'{tmp}/empty.pt' is empty"),
@@ -86,9 +88,11 @@ def test_bad_input_is_refused_with_the_cause_last(name, tmp_path, glas_data):
     args = [a.replace("{tmp}", str(tmp_path)) for a in case.args]
     if "--dataset_dir" not in args:
         args += ["--dataset_dir", str(glas_data)]
+    if "--output_dir" not in args:
+        args += ["--output_dir", str(out)]
     proc = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "--config_file", ",".join(configs) if len(configs) == 1
-         else str(configs), "--output_dir", str(out), *args],
+         else str(configs), *args],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600,
     )
     last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""

@@ -12,7 +12,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from monai_mdm.distributed import all_gather_objects, is_rank0
-from monai_mdm.utils import atomic_torch_save, load_torch_file
+from monai_mdm.utils import atomic_torch_save, load_torch_file, prepare_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -84,11 +84,16 @@ class TrainingCheckpoint:
         self.save_dict.setdefault("trainer", engine)
         if getattr(engine, "scaler", None) is not None:
             self.save_dict.setdefault("scaler", engine.scaler)
+        engine.add_event_handler(Events.STARTED, self.prepare)
         if self.resume:
             engine.add_event_handler(Events.STARTED, self.load_latest)
         if self.save_interval > 0:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval), self.save)
         engine.add_event_handler(Events.COMPLETED, self.save_final)
+
+    def prepare(self, engine: Engine) -> None:
+        if is_rank0():
+            prepare_output_folder(self.save_dir)
 
     def save(self, engine: Engine) -> Path | None:
         if not is_rank0():

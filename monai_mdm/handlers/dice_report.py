@@ -10,10 +10,11 @@ import torch
 from ignite.engine import Engine, Events
 from monai.utils import CommonKeys
 
+from monai_mdm.handlers.segmentation_report import StagedReport
 from monai_mdm.handlers.tracking import log_artifact, log_metrics
 
 
-class DiceReport:
+class DiceReport(StagedReport):
     """Score every case an evaluator segments with one Dice per foreground class; write the tables at the end.
 
     The argmax of the evaluator's ``pred`` (class scores) is compared with ``batch[label_key]`` class by class:
@@ -56,6 +57,7 @@ class DiceReport:
         self.table = MetricTable(run_key="run")
 
     def attach(self, engine: Engine) -> None:
+        self.attach_staging(engine)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
         engine.add_event_handler(Events.COMPLETED, self.completed)
 
@@ -83,9 +85,10 @@ class DiceReport:
     def completed(self, engine: Engine) -> None:
         if not len(self.table):
             raise RuntimeError("the evaluation saw no cases; check the test datalist.")
+        self.table.write_csv(self.out / "metrics.csv")
+        self.table.write_json(self.out / "metrics.json", extra={"class_names": self.class_names, **self.extra})
+        self.publish()
         paths = [self.output_dir / "metrics.csv", self.output_dir / "metrics.json"]
-        self.table.write_csv(paths[0])
-        self.table.write_json(paths[1], extra={"class_names": self.class_names, **self.extra})
         print(self.table.format())
         log_metrics(engine, {f"test_{k}": v["mean"] for k, v in self.table.summary().items()})
         for path in paths:

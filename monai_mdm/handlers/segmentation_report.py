@@ -14,7 +14,7 @@ from PIL import Image
 
 from monai_mdm.handlers.reconstruction_grid import to_uint8_rgb
 from monai_mdm.handlers.tracking import log_artifact, log_metrics
-from monai_mdm.utils import atomic_write
+from monai_mdm.utils import StagedFolder, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,32 @@ def _save_png(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
 
 
-class SegmentationReport:
+class StagedReport:
+    """Base of the evaluation reports: files go to ``self.out``, a staging folder from the evaluation's start
+    that replaces ``output_dir`` when it completes (see :class:`~monai_mdm.utils.StagedFolder`)."""
+
+    output_dir: Path
+
+    @property
+    def out(self) -> Path:
+        staged = getattr(self, "_staged", None)
+        return staged.partial if staged is not None else self.output_dir
+
+    def attach_staging(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._begin)
+
+    def _begin(self, engine: Engine) -> None:
+        self._staged = StagedFolder(self.output_dir)
+        self._staged.begin()
+
+    def publish(self) -> None:
+        """Move the staged files into ``output_dir`` (call once everything is written)."""
+        staged, self._staged = getattr(self, "_staged", None), None
+        if staged is not None:
+            staged.commit()
+
+
+class SegmentationReport(StagedReport):
     """Score every image an evaluator segments, save what it predicted, and write the tables at the end.
 
     For each image of the batch (the evaluator's ``pred`` holds class scores): the argmax class map is
@@ -90,6 +115,7 @@ class SegmentationReport:
         self.table = MetricTable(run_key="run")
 
     def attach(self, engine: Engine) -> None:
+        self.attach_staging(engine)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
         engine.add_event_handler(Events.COMPLETED, self.completed)
 
@@ -108,12 +134,12 @@ class SegmentationReport:
             classes = torch.as_tensor(pred).argmax(0).cpu().numpy().astype(np.uint8)
             gt = np.asarray(torch.as_tensor(truth).cpu()).squeeze(0)
             self.table.add(name, evaluate_case(classes, gt, self.dataset), run=self.run or None)
-            _save_png(self.output_dir / "predictions" / f"{name}.png", classes * (255 // max(1, classes.max(initial=1))))
+            _save_png(self.out / "predictions" / f"{name}.png", classes * (255 // max(1, classes.max(initial=1))))
             if self.save_nifti:
                 self._save_nifti(name, classes, image)
             if self.save_overlays:
                 rgb = to_uint8_rgb(torch.as_tensor(image)[None])[0]
-                _save_png(self.output_dir / "overlays" / f"{name}.png", overlay_panel(rgb, gt > 0, classes))
+                _save_png(self.out / "overlays" / f"{name}.png", overlay_panel(rgb, gt > 0, classes))
 
     def _save_nifti(self, name: str, classes: np.ndarray, image) -> None:
         import nibabel as nib
@@ -123,15 +149,15 @@ class SegmentationReport:
             affine = np.eye(4)
         data = classes.T[..., None]  # nibabel stores (x, y, z): columns first, one slice
         img = nib.Nifti1Image(data.astype(np.uint8), affine)
-        atomic_write(self.output_dir / "predictions" / f"{name}.nii.gz", lambda f: f.write(img.to_bytes()))
+        atomic_write(self.out / "predictions" / f"{name}.nii.gz", lambda f: f.write(img.to_bytes()))
 
     def completed(self, engine: Engine) -> None:
         if not len(self.table):
             raise RuntimeError("the evaluation saw no images; check the test datalist.")
-        csv_path = self.output_dir / "metrics.csv"
-        json_path = self.output_dir / "metrics.json"
-        self.table.write_csv(csv_path)
-        self.table.write_json(json_path, extra=self.extra)
+        self.table.write_csv(self.out / "metrics.csv")
+        self.table.write_json(self.out / "metrics.json", extra=self.extra)
+        self.publish()
+        csv_path, json_path = self.output_dir / "metrics.csv", self.output_dir / "metrics.json"
         summary = self.table.summary()
         print(self.table.format())
         log_metrics(engine, {f"test_{k}": v["mean"] for k, v in summary.items()})
@@ -148,7 +174,7 @@ def _as_list(x) -> Sequence:
     return [x]
 
 
-class ClassIoUReport:
+class ClassIoUReport(StagedReport):
     """Evaluation of a multi-class (face parts) run: mean IoU over the whole test set, per class.
 
     Intersections and unions are summed over all test images (the FFHQ-34 / CelebA-19 protocol, see
@@ -186,6 +212,7 @@ class ClassIoUReport:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, lambda _: self.iou.reset())
+        self.attach_staging(engine)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
         engine.add_event_handler(Events.COMPLETED, self.completed)
 
@@ -202,7 +229,7 @@ class ClassIoUReport:
             truth = np.asarray(torch.as_tensor(label).cpu()).squeeze(0).astype(np.int64)
             self.iou.update(classes, truth)
             self.names.append(str(name))
-            _save_png(self.output_dir / "predictions" / f"{name}.png", self._colour(classes))
+            _save_png(self.out / "predictions" / f"{name}.png", self._colour(classes))
             if self.save_overlays:
                 rgb = to_uint8_rgb(torch.as_tensor(image)[None])[0]
                 h, w = classes.shape
@@ -210,7 +237,7 @@ class ClassIoUReport:
                 for i, tile in enumerate((rgb, self._colour(truth), self._colour(classes))):
                     blend = tile if i == 0 else (0.5 * rgb + 0.5 * tile).astype(np.uint8)
                     panel[:, i * (w + 4) : i * (w + 4) + w] = blend
-                _save_png(self.output_dir / "overlays" / f"{name}.png", panel)
+                _save_png(self.out / "overlays" / f"{name}.png", panel)
 
     def completed(self, engine: Engine) -> None:
         import json
@@ -222,7 +249,7 @@ class ClassIoUReport:
         rows = ["class_id,class_name,iou"] + [
             f"{i},{n},{'' if np.isnan(v) else f'{v:.6f}'}" for i, (n, v) in enumerate(zip(self.class_names, per_class))
         ]
-        atomic_write(self.output_dir / "class_iou.csv", lambda f: f.write(("\n".join(rows) + "\n").encode()))
+        atomic_write(self.out / "class_iou.csv", lambda f: f.write(("\n".join(rows) + "\n").encode()))
         doc = {
             "run": self.run,
             "images": self.names,
@@ -230,8 +257,9 @@ class ClassIoUReport:
             "per_class_iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(self.class_names, per_class)},
             **self.extra,
         }
-        atomic_write(self.output_dir / "metrics.json", lambda f: f.write(json.dumps(doc, indent=2).encode()))
+        atomic_write(self.out / "metrics.json", lambda f: f.write(json.dumps(doc, indent=2).encode()))
         self._save_legend()
+        self.publish()
         print(f"mean IoU over {len(self.names)} images: {miou:.4f}")
         for n, v in zip(self.class_names, per_class):
             print(f"  {n:<40} {'n/a' if np.isnan(v) else f'{v:.4f}'}")
@@ -249,4 +277,4 @@ class ClassIoUReport:
         for i, name in enumerate(self.class_names):
             draw.rectangle([2, 2 + i * row, 14, 12 + i * row], fill=tuple(int(c) for c in self.palette[i]))
             draw.text((20, 1 + i * row), f"{i} {name}", fill="black")
-        atomic_write(self.output_dir / "legend.png", lambda f: legend.save(f, format="PNG"))
+        atomic_write(self.out / "legend.png", lambda f: legend.save(f, format="PNG"))

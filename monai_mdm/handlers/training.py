@@ -15,6 +15,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import EarlyStopping
 
 from monai_mdm.distributed import all_gather_objects, get_rank, get_world_size, is_rank0, sum_over_ranks
+from monai_mdm.utils import prepare_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +229,12 @@ class SaveModel:
         self.extra_json = dict(extra_json or {})
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.prepare)
         engine.add_event_handler(Events.COMPLETED, self)
+
+    def prepare(self, engine: Engine) -> None:
+        if is_rank0():
+            prepare_output_folder(self.path.parent, "output_dir")
 
     def __call__(self, engine: Engine) -> None:
         import json
