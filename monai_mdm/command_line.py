@@ -164,6 +164,9 @@ def _cause(exc: BaseException) -> BaseException:
 
 def excepthook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
     """The usual traceback, then the cause of MONAI's wrapper as the last lines a user reads."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):  # else a bar is redrawn below
+        bar.close()
     traceback.print_exception(exc_type, exc, tb)
     cause = _cause(exc)
     if cause is not exc and not isinstance(cause, KeyboardInterrupt):

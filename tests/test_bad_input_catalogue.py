@@ -37,6 +37,8 @@ CASES = {
     "pretrain preset": Case(PRETRAIN, ("--preset", "huge"), "unknown MDMUNet preset 'huge'"),
     "pretrain unwritable output": Case(PRETRAIN, ("--max_iterations", "2", "--output_dir", "{tmp}/page.pt/run"),
                                        "--output_dir: cannot write to '{tmp}/page.pt/run/models'"),
+    "pretrain loss not finite": Case(PRETRAIN, ("--max_iterations", "20", "--learning_rate", "1e30", "--image_size", "32"),
+                                     "the training loss is nan at iteration"),
     "weights missing": Case(GLAS, ("--pretrained_weights", "{tmp}/none.pt"), "pretrained weights '{tmp}/none.pt' not found"),
     "weights web page": Case(GLAS, ("--pretrained_weights", "{tmp}/page.pt"), "'{tmp}/page.pt' is a web page"),
     "weights empty": Case(GLAS, ("--pretrained_weights", "{tmp}/empty.pt"), "'{tmp}/empty.pt' is empty"),

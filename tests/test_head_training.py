@@ -246,3 +246,18 @@ def test_a_model_outside_the_trainers_network_is_kept_and_restored_with_it():
     engine.run([0], max_epochs=6)
     assert stopper.best_epoch == 2
     assert float(net.weight.detach()[1, 0]) == 3.0 and float(backbone.weight) == 2.0
+
+
+def test_non_finite_loss_stops_with_the_iteration_and_saves_no_model(tmp_path):
+    from ignite.engine import Engine
+
+    from monai_mdm.handlers import SaveModel, StopOnNonFiniteLoss
+
+    losses = iter([0.5, 0.4, float("inf"), 0.3])
+    engine = Engine(lambda e, b: {"loss": torch.tensor(next(losses))})
+    StopOnNonFiniteLoss().attach(engine)
+    head = torch.nn.Conv2d(2, 2, 1)
+    SaveModel(head, tmp_path / "models" / "model.pt", config={"in_channels": 2}).attach(engine)
+    with pytest.raises(FloatingPointError, match=r"loss is inf at iteration 3 \(epoch 1\).*saves no model"):
+        engine.run(range(4), max_epochs=1)
+    assert not (tmp_path / "models" / "model.pt").exists()

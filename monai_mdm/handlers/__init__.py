@@ -1,6 +1,6 @@
 from .checkpoint import StopAtIteration, TrainingCheckpoint, find_latest_checkpoint
 from .ema import EMA
-from .training import HeldOutEarlyStopping, SaveModel, StopAtStep, epochs_for_steps
+from .training import HeldOutEarlyStopping, SaveModel, StopAtStep, StopOnNonFiniteLoss, epochs_for_steps
 from .reconstruction_grid import ReconstructionGridSaver, reconstruction_grid
 from .segmentation_report import ClassIoUReport, SegmentationReport
 from .tracking import (
@@ -32,6 +32,7 @@ __all__ = [
     "SetTrackedLoss",
     "StopAtIteration",
     "StopAtStep",
+    "StopOnNonFiniteLoss",
     "TrainingCheckpoint",
     "find_latest_checkpoint",
     "check_tracking_uri",

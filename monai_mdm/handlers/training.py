@@ -32,6 +32,37 @@ def epochs_for_steps(max_steps: int, epoch_length: int, setting: str = "max_step
     return math.ceil(max_steps / epoch_length)
 
 
+class StopOnNonFiniteLoss:
+    """Stop with an error at the first NaN or infinite training loss, before later handlers average, checkpoint
+    or save the broken weights (attach it first). ignite's ``TerminateOnNan`` ends the run quietly instead, and
+    its end would then save a model; here no model is written and the message says where and why.
+
+    Args:
+        output_transform: the loss from the engine's output.
+        hint: the likely causes to name for this workflow.
+    """
+
+    def __init__(
+        self,
+        output_transform: Any = lambda out: out["loss"],
+        hint: str = "a learning rate too high (--learning_rate), or images with NaN or infinite values",
+    ) -> None:
+        self.output_transform = output_transform
+        self.hint = hint
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        loss = self.output_transform(engine.state.output)
+        value = float(loss.detach().float().mean()) if torch.is_tensor(loss) else float(loss)
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"the training loss is {value} at iteration {engine.state.iteration} (epoch {engine.state.epoch}); "
+                f"the run stops and saves no model. Likely causes: {self.hint}."
+            )
+
+
 class StopAtStep:
     """End training after ``max_steps`` iterations: mid-epoch when the last epoch is a short one, otherwise once
     the epoch's handlers (logging, early stopping) have run, so the last full epoch is logged like the others.
