@@ -48,6 +48,8 @@ CASES = {
     "budget too large": Case(GLAS, ("--pretrained_weights", "random", "--label_budget", "1000"),
                              "--label_budget 1000 is larger than the 3 labelled images"),
     "budget typo": Case(GLAS, ("--lable_budget", "2"), "Did you mean --label_budget", 2),
+    "labels all background": Case(GLAS, ("--pretrained_weights", "random", "--dataset_dir", "{blank}",
+                                         "--label_budget", "2"), "every pixel is background (0) in all 2 of them"),
     "glas no data": Case(GLAS, ("--pretrained_weights", "random", "--dataset_dir", "{tmp}/nothing"), "{tmp}/nothing"),
     "evaluate no model": Case("mdm_glas_fewshot/evaluate.json", ("--model_path", "{tmp}/none.pt"),
                               "trained model '{tmp}/none.pt' not found"),
@@ -71,12 +73,26 @@ def glas_data(tmp_path_factory) -> Path:
     return synthetic.write_glas(tmp_path_factory.mktemp("data") / "GlaS", n_train=3, n_test_a=1, n_test_b=1, seed=0)
 
 
+@pytest.fixture(scope="module")
+def blank_glas(glas_data, tmp_path_factory) -> Path:
+    """The same images with every annotation blank (all background)."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    root = Path(shutil.copytree(glas_data, tmp_path_factory.mktemp("blank") / "GlaS"))
+    for anno in root.glob("*_anno.bmp"):
+        Image.fromarray(np.zeros_like(np.asarray(Image.open(anno)))).save(anno)
+    return root
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input_is_refused_with_the_cause_last(name, tmp_path, glas_data):
+def test_bad_input_is_refused_with_the_cause_last(name, tmp_path, glas_data, request):
     case = CASES[name]
     (tmp_path / "page.pt").write_text("<!DOCTYPE html><html><body>Sign in to download</body></html>\n")
     (tmp_path / "empty.pt").write_bytes(b"")
@@ -88,6 +104,8 @@ def test_bad_input_is_refused_with_the_cause_last(name, tmp_path, glas_data):
 
     configs = [str(BUNDLES / c.split("/")[0] / "configs" / c.split("/")[1]) for c in case.config.split(",")]
     args = [a.replace("{tmp}", str(tmp_path)) for a in case.args]
+    if "{blank}" in args:
+        args[args.index("{blank}")] = str(request.getfixturevalue("blank_glas"))
     if "--dataset_dir" not in args:
         args += ["--dataset_dir", str(glas_data)]
     if "--output_dir" not in args:

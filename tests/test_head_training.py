@@ -261,3 +261,15 @@ def test_non_finite_loss_stops_with_the_iteration_and_saves_no_model(tmp_path):
     with pytest.raises(FloatingPointError, match=r"loss is inf at iteration 3 \(epoch 1\).*saves no model"):
         engine.run(range(4), max_epochs=1)
     assert not (tmp_path / "models" / "model.pt").exists()
+
+
+@pytest.mark.parametrize("value, what", [(0, "every pixel is background"), (255, "every pixel is ignored")])
+def test_labels_without_foreground_are_refused_naming_the_images(value, what):
+    from monai_mdm.data import holdout_split
+
+    data = [{"image": torch.zeros(3, 32, 32), "label": torch.full((1, 32, 32), value), "name": f"train_{i}"}
+            for i in (3, 7)]
+    with pytest.raises(ValueError, match=f"{what}.*all 2 of them \\(train_3, train_7\\).*--label_budget"):
+        holdout_split(data, 0.2, 16)
+    data[1]["label"][0, 5, 5] = 1  # one foreground pixel anywhere is enough
+    holdout_split(data, 0.2, 16)

@@ -61,9 +61,13 @@ def holdout_split(
     train: list[dict[str, torch.Tensor]] = []
     windows: list[dict[str, torch.Tensor]] = []
     held = 0
-    for item in _items(data):
+    names, foreground, scored = [], False, False
+    for index, item in enumerate(_items(data)):
         image = convert_to_tensor(item[image_key], wrap_sequence=True, track_meta=False).float()
         label = convert_to_tensor(item[label_key], wrap_sequence=True, track_meta=False)
+        names.append(str(item.get("name", index)) if isinstance(item, Mapping) else str(index))
+        scored = scored or bool((label != ignore_index).any())
+        foreground = foreground or bool(((label != 0) & (label != ignore_index)).any())
         nd = image.ndim - 1
         if label.ndim == nd:
             label = label.unsqueeze(0)
@@ -103,6 +107,7 @@ def holdout_split(
                 continue
             lab = torch.where(mine, label_p[window], torch.full_like(label_p[window], ignore_index))
             windows.append({image_key: image_p[window].clone(), label_key: lab})
+    _check_labels(names, foreground, scored, ignore_index)
     if held:
         logger.info(
             f"held out {fraction:.0%} of {held} labelled image(s) along their longest axis for early stopping "
@@ -111,6 +116,19 @@ def holdout_split(
     else:
         logger.warning(f"no held-out strip (holdout_fraction {fraction}; images too small or fraction 0).")
     return train, windows
+
+
+def _check_labels(names: Sequence[str], foreground: bool, scored: bool, ignore_index: int) -> None:
+    """Refuse labels that cannot teach anything before any training: a head would learn 'always background'."""
+    if foreground or not names:
+        return
+    shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+    what = f"every pixel is ignored ({ignore_index})" if not scored else "every pixel is background (0)"
+    raise ValueError(
+        f"the labelled images have no foreground to learn: {what} in all {len(names)} of them ({shown}). Check "
+        "that the label files mark the objects with values > 0 and belong to these images, or choose other images "
+        "with --label_budget."
+    )
 
 
 def heldout_cache(
