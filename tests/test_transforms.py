@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -378,3 +379,34 @@ def test_ensure_rgbd(cls):
         warnings.simplefilter("ignore")
         d = cls(keys="image")({"image": np.ones((1, 4, 4), np.uint8), "label": np.ones((1, 4, 4), np.uint8)})
     assert d["image"].shape == (3, 4, 4) and d["label"].shape == (1, 4, 4)
+
+
+def test_sixteen_bit_tiff_reaches_the_network_monotonic(tmp_path, monkeypatch):
+    """A 16-bit grayscale ramp read by the pretraining bundle's own preprocessing stays a ramp (no wrap, no clip)."""
+    from monai.bundle import ConfigParser
+    from PIL import Image
+
+    from monai_mdm.transforms import array as array_module
+
+    monkeypatch.setattr(array_module.EnsureRGB, "_warned_depth", False)
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp.tif")
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parents[1] / "bundles/mdm_pretrain/configs/train.json"))
+    parser["image_size"] = 64
+    load = parser.get_parsed_content("train#preprocessing").transforms[:2]  # LoadImaged, EnsureRGBd
+    with pytest.warns(UserWarning, match=r"values 0\.\.65535 .*ramp\.tif"):
+        item = {"image": str(tmp_path / "ramp.tif")}
+        for t in load:
+            item = t(item)
+    image = np.asarray(item["image"])
+    assert image.dtype == np.uint8 and image.shape == (3, 64, 64)
+    flat = image[0].reshape(-1)
+    assert flat.min() == 0 and flat.max() == 255
+    assert np.all(np.diff(flat.astype(int)) >= 0)  # monotonic: no wrap-around
+
+
+def test_eight_bit_images_pass_unscaled():
+    img = torch.arange(0, 256, dtype=torch.float32).reshape(1, 16, 16)
+    out = EnsureRGB()(img)
+    assert torch.equal(out[0], img[0])

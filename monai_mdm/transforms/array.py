@@ -96,10 +96,15 @@ class EnsureRGB(Transform):
     float images 255 if any value exceeds 1 (MONAI's LoadImage gives float 0..255) else 1.
     3 channels pass through. The first conversion in the process emits a warning naming the file (only once,
     so large datasets do not flood the log); other channel counts raise ValueError naming the file.
+
+    Values above 255 (a 16-bit TIFF, or a float image of one) are rescaled from the image's own min..max to
+    0..255 and warned about once: the bundles scale 0..255 to the network's range, so such an image would be
+    clipped to white or, cast to 8 bits, wrap around.
     """
 
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
     _warned: bool = False  # once per process, shared by all instances
+    _warned_depth: bool = False
 
     def __init__(self, max_value: float | None = None) -> None:
         self.max_value = max_value
@@ -113,7 +118,27 @@ class EnsureRGB(Transform):
             return float(torch.iinfo(img.dtype).max)
         return 255.0 if img.numel() > 0 and float(img.max()) > 1.0 else 1.0
 
+    def _eight_bit(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
+        x = convert_to_tensor(img, track_meta=False)
+        if x.numel() == 0 or x.dtype in (torch.uint8, torch.bool) or self.max_value is not None:
+            return img
+        hi, lo = float(x.max()), float(x.min())
+        if hi <= 255.0:
+            return img
+        scaled = (x.to(torch.float32) - lo) * (255.0 / max(hi - lo, 1e-12))
+        if not EnsureRGB._warned_depth:
+            EnsureRGB._warned_depth = True
+            warnings.warn(
+                f"EnsureRGB rescaled an image with values {lo:g}..{hi:g} (more than 8 bits) to 0..255 from its own "
+                f"range for file {_filename(img)}; further rescaled images are not reported.",
+                stacklevel=3,
+            )
+        if x.dtype.is_floating_point:
+            return convert_to_dst_type(scaled, dst=img, dtype=img.dtype)[0]
+        return convert_to_dst_type(scaled.round().to(torch.uint8), dst=img, dtype=torch.uint8)[0]
+
     def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
+        img = self._eight_bit(img)
         channels = img.shape[0] if img.ndim > 0 else 0
         if channels == 3:
             return img
