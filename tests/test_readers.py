@@ -417,3 +417,25 @@ def test_two_files_with_one_stem_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"two images named 'a': 'a.png' and 'a.tif'; keep one"):
         files_by_stem(tmp_path, (".png", ".tif"), kind="images")
     assert list(files_by_stem(tmp_path, (".png",))) == ["a", "b"]
+
+
+def test_pretraining_folder_skips_the_label_folders_of_every_layout(tmp_path, caplog):
+    """A preprocessed layout (img/ + labelcol/) or GlaS's *_anno files: only the images are pretrained on."""
+    import logging
+
+    from PIL import Image
+
+    from monai_mdm.data import image_folder_datalist
+
+    tile = Image.fromarray(np.full((40, 40, 3), 200, np.uint8))
+    for name in ("img/a.png", "img/b.png", "labelcol/a_anno.png", "labelcol/b_anno.png", "train_1.bmp",
+                 "train_1_anno.bmp", "Task/imagesTr/c.png", "Task/labelsTr/c.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        tile.save(tmp_path / name)
+    with caplog.at_level(logging.INFO, logger="monai_mdm.data.folder"):
+        datalist = image_folder_datalist(tmp_path, min_size=32)
+    used = sorted(Path(d["image"]).relative_to(tmp_path).as_posix() for d in datalist)
+    assert used == ["Task/imagesTr/c.png", "img/a.png", "img/b.png", "train_1.bmp"]
+    message = caplog.text
+    print(message)
+    assert "using 4 images" in message and "2 in 'img'" in message and "skipped 4 label images" in message

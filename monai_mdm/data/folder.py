@@ -39,9 +39,14 @@ def files_by_stem(folder: Path, suffixes: Sequence[str], kind: str = "files") ->
     return out
 
 
-def _is_annotation(path: Path) -> bool:
-    """Label images that sit beside their images in the official layouts (GlaS ``*_anno.bmp``)."""
-    return path.stem.endswith("_anno")
+# folders that hold the label images of the supported layouts (preprocessed ``img/`` + ``labelcol/``,
+# the Decathlon's ``imagesTr/`` + ``labelsTr/``)
+LABEL_FOLDERS = ("labelcol", "labelsTr", "labelsTs")
+
+
+def _is_annotation(path: Path, root: Path) -> bool:
+    """Label images of the supported layouts: GlaS ``*_anno.bmp`` beside the images, or anything in a label folder."""
+    return path.stem.endswith("_anno") or any(part in LABEL_FOLDERS for part in path.relative_to(root).parts[:-1])
 
 
 def image_folder_datalist(
@@ -62,7 +67,8 @@ def image_folder_datalist(
         dataset_dir: folder of png/jpg/bmp/tif images.
         min_size: smallest allowed (height, width), e.g. the crop size.
         extensions: file suffixes to take (case-insensitive).
-        exclude_annotations: skip ``*_anno.*`` label images (GlaS keeps them beside the images).
+        exclude_annotations: skip label images: ``*_anno.*`` (GlaS keeps them beside the images) and the files
+            in the label folders of the supported layouts (:data:`LABEL_FOLDERS`).
         verify: decode every image once to catch truncated files.
         image_key: key of the path in each datalist entry.
     """
@@ -74,8 +80,8 @@ def image_folder_datalist(
         )
     suffixes = {e.lower() for e in extensions}
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
-    if exclude_annotations:
-        files = [p for p in files if not _is_annotation(p)]
+    skipped = [p for p in files if _is_annotation(p, root)] if exclude_annotations else []
+    files = [p for p in files if p not in set(skipped)]
     if not files:
         raise FileNotFoundError(
             f"no images ({', '.join(sorted(suffixes))}) found under '{root}'; check --dataset_dir."
@@ -96,5 +102,11 @@ def image_folder_datalist(
                 f"image '{path}' is {height} x {width} pixels, smaller than the crop {min_hw[0]} x {min_hw[1]}; "
                 "lower --image_size or remove the image."
             )
-    logger.info(f"found {len(files)} images under '{root}'.")
+    by_folder: dict[str, int] = {}
+    for p in files:
+        where = p.parent.relative_to(root).as_posix()
+        by_folder[where] = by_folder.get(where, 0) + 1
+    where = ", ".join(f"{n} in '{f}'" for f, n in by_folder.items())
+    note = f"; skipped {len(skipped)} label images (*_anno, {'/, '.join(LABEL_FOLDERS)}/)" if skipped else ""
+    logger.info(f"using {len(files)} images under '{root}': {where}{note}.")
     return [{image_key: str(p)} for p in files]
