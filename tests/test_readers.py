@@ -439,3 +439,17 @@ def test_pretraining_folder_skips_the_label_folders_of_every_layout(tmp_path, ca
     message = caplog.text
     print(message)
     assert "using 4 images" in message and "2 in 'img'" in message and "skipped 4 label images" in message
+
+
+def test_preprocessed_labels_keep_instance_ids_when_the_file_has_them(tmp_path):
+    """Two touching nuclei stored as ids 1 and 2 stay two instances; a 0/255 mask is still split by components."""
+    from PIL import Image
+
+    from monai_mdm.data.instances import read_instance_map
+
+    ids = np.zeros((20, 20), np.uint8)
+    ids[5:10, 2:8], ids[5:10, 8:14] = 1, 2  # touching: one connected component
+    Image.fromarray(ids).save(tmp_path / "ids.png")
+    Image.fromarray((ids > 0).astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    assert np.unique(read_instance_map(tmp_path / "ids.png", binarize=True)).tolist() == [0, 1, 2]
+    assert np.unique(read_instance_map(tmp_path / "mask.png", binarize=True)).tolist() == [0, 1]

@@ -114,6 +114,14 @@ def _as_instance_ids(arr: np.ndarray, path: Path) -> np.ndarray:
     return arr.astype(np.int32)
 
 
+def _holds_instance_ids(arr: np.ndarray, path: Path) -> bool:
+    """A single-channel integer label in a lossless format with more than one non-zero value numbers its objects
+    (a binary mask has one, e.g. 255); JPEG is excluded, its compression noise would read as ids."""
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer) or path.suffix.lower() in (".jpg", ".jpeg"):
+        return False
+    return np.unique(arr[arr > 0]).size > 1
+
+
 def read_instance_map(
     path: str | os.PathLike,
     image: str | os.PathLike | None = None,
@@ -129,7 +137,8 @@ def read_instance_map(
         shape: ``(H, W)`` to check against / rasterise at when ``image`` is not given.
         binarize: treat the annotation as a binary mask (value > 0 = foreground, e.g. the preprocessed
             ``labelcol`` layout, where glands are stored as 255) and number its connected components
-            (8-connectivity) as the instances; otherwise every value is an instance id.
+            (8-connectivity) as the instances; a lossless single-channel label with several non-zero values
+            already numbers its instances and keeps them. Otherwise every value is an instance id.
     """
     path = Path(path)
     if not path.is_file():
@@ -160,5 +169,7 @@ def read_instance_map(
     if binarize:
         if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
             raise ValueError(f"annotation '{path}' holds NaN/inf values; re-export the mask.")
+        if _holds_instance_ids(arr, path):  # merging touching nuclei would inflate AJI and PQ
+            return _as_instance_ids(arr, path)
         return ndi.label(arr > 0, structure=np.ones((3, 3)))[0].astype(np.int32)
     return _as_instance_ids(arr, path)

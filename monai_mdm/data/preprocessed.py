@@ -1,8 +1,9 @@
 """Reader of the preprocessed layout that the paper's public code trains on.
 
 ``root/img/<name>.png`` with ``root/labelcol/<name>_anno.png`` (GlaS) or ``root/labelcol/<name>.png``
-(MoNuSeg): binary masks, any value > 0 meaning foreground (often stored as 255). Supporting it lets
-users of the original code reuse their prepared folders; the naming is detected, not configured.
+(MoNuSeg): binary masks, any value > 0 meaning foreground (often stored as 255), or instance maps (one id per
+object), whose ids are kept so that touching nuclei stay apart for AJI and PQ. Supporting it lets users of
+the original code reuse their prepared folders; the naming is detected, not configured.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def preprocessed_datalist(
     The label naming (``<name>_anno.<ext>`` or ``<name>.<ext>``) is detected from the files. Every image
     needs its label and every label its image. ``"label_format": "binary"`` tells
     :class:`monai_mdm.transforms.LoadInstanceMaskd` to binarise (> 0) and take connected
-    components as instances.
+    components as instances, unless the label file numbers its instances (then they are kept).
     """
     root = Path(root).expanduser()
     if not root.is_dir():
