@@ -13,6 +13,7 @@ _EXPORTS = {
     "CELEBA19_CLASSES": "faces",
     "FFHQ34_CLASSES": "faces",
     "FeatureCache": "feature_cache",
+    "ResumableShuffleSampler": "sampler",
     "budget_count": "budget",
     "budget_record": "budget",
     "check_volume": "volumes",

@@ -1,4 +1,4 @@
-from .checkpoint import StopAtIteration, TrainingCheckpoint, find_latest_checkpoint
+from .checkpoint import RandomStates, StopAtIteration, TrainingCheckpoint, find_latest_checkpoint
 from .ema import EMA
 from .training import HeldOutEarlyStopping, SaveModel, StopAtStep, StopOnNonFiniteLoss, epochs_for_steps
 from .reconstruction_grid import ReconstructionGridSaver, reconstruction_grid
@@ -28,6 +28,7 @@ __all__ = [
     "LogArtifacts",
     "LogSegmentationModel",
     "LogSettings",
+    "RandomStates",
     "ReconstructionGridSaver",
     "SetTrackedLoss",
     "StopAtIteration",

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import random
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.transforms import Randomizable, Transform
 
 from monai_mdm.distributed import all_gather_objects, is_rank0
 from monai_mdm.utils import atomic_torch_save, load_torch_file, prepare_output_folder
@@ -30,6 +33,70 @@ def find_latest_checkpoint(save_dir: str | Path) -> Path | None:
 
 def _state_dict(obj: Any) -> Any:
     return obj.state_dict() if hasattr(obj, "state_dict") else obj
+
+
+class RandomStates:
+    """Every random stream a training run draws from, as one checkpointable object, so that a resumed run is
+    bit-identical to an uninterrupted one: torch's (masks, timesteps, shuffling, data-loader worker seeds), CUDA's,
+    numpy's, Python's, the own generators of MONAI's random transforms (crops, flips) in ``transforms``, and the
+    position of a :class:`~monai_mdm.data.ResumableShuffleSampler`. Exact with ``num_workers=0``: data-loader
+    workers hold their own copies of the transforms.
+    """
+
+    def __init__(self, transforms: Any = None, sampler: Any = None) -> None:
+        self.transforms = _randomizables(transforms) if transforms is not None else []
+        # a sampler with a position (ResumableShuffleSampler); others (DistributedSampler) restart their pass
+        self.sampler = sampler if hasattr(sampler, "load_state_dict") else None
+
+    def resume_without_state(self, engine: Engine) -> None:
+        """A checkpoint written before the streams were saved resumes with the streams as they are."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "transforms": [t.R.get_state() for t in self.transforms],
+            "sampler": self.sampler.state_dict() if self.sampler is not None else None,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if len(state["transforms"]) != len(self.transforms):
+            raise ValueError(
+                f"the checkpoint holds {len(state['transforms'])} random transforms' states, this config has "
+                f"{len(self.transforms)}: it was written by another preprocessing; resume in a new output folder."
+            )
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+        for t, s in zip(self.transforms, state["transforms"]):
+            t.R.set_state(s)
+        if self.sampler is not None and state.get("sampler") is not None:
+            self.sampler.load_state_dict(state["sampler"])
+
+
+def _randomizables(obj: Any, found: dict[int, Any] | None = None) -> list[Any]:
+    """Every MONAI ``Randomizable`` in ``obj``, including those inside other transforms (a dictionary
+    transform's array transform keeps a generator of its own), each once, in a fixed order."""
+    found = {} if found is None else found
+    if id(obj) in found:
+        return list(found.values())
+    if isinstance(obj, Randomizable):
+        found[id(obj)] = obj
+    if isinstance(obj, (list, tuple)):
+        children = list(obj)
+    elif isinstance(obj, dict):
+        children = list(obj.values())
+    elif isinstance(obj, Transform):
+        children = [vars(obj)[k] for k in sorted(vars(obj))]
+    else:
+        children = []
+    for child in children:
+        _randomizables(child, found)
+    return list(found.values())
 
 
 class TrainingCheckpoint:
