@@ -1,5 +1,6 @@
 """MDM transforms: batched corruptions (training/feature extraction), MONAI array/dict transforms, label loaders."""
 
+from monai_mdm.transforms import array, corruption, dictionary
 from monai_mdm.transforms.array import EnsureRGB, RandPatchMask
 from monai_mdm.transforms.corruption import (
     Corruption,
@@ -24,25 +25,4 @@ from monai_mdm.transforms.dictionary import (
     RandPatchMaskDict,
 )
 
-__all__ = [
-    "Corruption",
-    "PatchMasking",
-    "GaussianNoise",
-    "guided_diffusion_linear_betas",
-    "patch_grid_shape",
-    "patch_keep_mask",
-    "RandPatchMask",
-    "EnsureRGB",
-    "RandPatchMaskd",
-    "RandPatchMaskD",
-    "RandPatchMaskDict",
-    "EnsureRGBd",
-    "EnsureRGBD",
-    "EnsureRGBDict",
-    "LoadInstanceMaskd",
-    "LoadInstanceMaskD",
-    "LoadInstanceMaskDict",
-    "LoadClassMapd",
-    "LoadClassMapD",
-    "LoadClassMapDict",
-]
+__all__ = [*array.__all__, *corruption.__all__, *dictionary.__all__]
