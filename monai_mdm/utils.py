@@ -129,7 +129,7 @@ def load_torch_file(path: str | os.PathLike, what: str, fix: str, **kwargs: Any)
     kwargs.setdefault("map_location", "cpu")
     try:
         return torch.load(path, **kwargs)
-    except (EOFError, RuntimeError) as e:
+    except (EOFError, OSError, RuntimeError) as e:  # a damaged zip archive surfaces as any of these
         if isinstance(e, RuntimeError) and "PytorchStreamReader" not in str(e) and "zip archive" not in str(e):
             raise
         raise ValueError(f"{what} '{path}' is truncated or damaged ({type(e).__name__}: {str(e)[:80]}). {fix}") from e

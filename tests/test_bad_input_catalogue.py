@@ -12,7 +12,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
@@ -63,6 +66,41 @@ CASES = {
                           "{tmp}/nothing"),
     "volume no data": Case("mdm_volume_fewshot/train.json",
                            ("--pretrained_weights", "random", "--dataset_dir", "{tmp}/nothing"), "{tmp}/nothing"),
+    # every bundle refuses typos and text booleans before anything runs
+    "monuseg typo": Case("mdm_monuseg_fewshot/train.json", ("--label_budjet", "2"), "Did you mean --label_budget", 2),
+    "faces text boolean": Case("mdm_face_parts_fewshot/train.json", ("--augment", "true"), "Write --augment True", 2),
+    "volume typo": Case("mdm_volume_fewshot/train.json", ("--max_step", "5"), "Did you mean --max_steps", 2),
+    "glas text boolean": Case(GLAS, ("--cache_fp16", "false"), "Write --cache_fp16 False", 2),
+    "evaluate typo": Case("mdm_glas_fewshot/evaluate.json", ("--window_sise", "64"), "Did you mean --window_size", 2),
+    "inference typo": Case("mdm_glas_fewshot/inference.json", ("--model_pth", "x.pt"), "Did you mean --model_path", 2),
+    "finetune overlay typo": Case("mdm_glas_fewshot/train.json,mdm_glas_fewshot/finetune.json",
+                                  ("--finetune_lr_scal", "1.0"), "Did you mean --finetune_lr_scale", 2),
+    "unet overlay typo": Case("mdm_glas_fewshot/train.json,mdm_glas_fewshot/train_unet.json",
+                              ("--unet_batch", "2"), "Did you mean --unet_batch_size", 2),
+    # settings out of range, named with their bound
+    "budget fraction above one": Case(GLAS, ("--pretrained_weights", "random", "--label_budget", "1.5"),
+                                      "--label_budget 1.5: a fraction must be in (0, 1]"),
+    "budget unknown name": Case(GLAS, ("--pretrained_weights", "random", "--label_budget", "['train_1','trian_2']"),
+                                "--label_budget names an unknown image 'trian_2'"),
+    "head steps zero": Case(GLAS, ("--pretrained_weights", "random", "--max_steps", "0"),
+                            "--max_steps must be an integer >= 1"),
+    "head epoch length zero": Case(GLAS, ("--pretrained_weights", "random", "--epoch_length", "0"),
+                                   "--epoch_length must be an integer >= 1"),
+    "holdout too large": Case(GLAS, ("--pretrained_weights", "random", "--holdout_fraction", "0.9"),
+                              "--holdout_fraction must lie in [0, 0.5]"),
+    # damaged weight files in every place that reads one
+    "weights lfs pointer": Case(GLAS, ("--pretrained_weights", "{tmp}/lfs.pt"), "'{tmp}/lfs.pt' is a Git LFS pointer"),
+    "weights truncated": Case(GLAS, ("--pretrained_weights", "{tmp}/truncated.pt"),
+                              "'{tmp}/truncated.pt' is truncated or damaged"),
+    "evaluate empty model": Case("mdm_glas_fewshot/evaluate.json", ("--model_path", "{tmp}/empty.pt"),
+                                 "trained model '{tmp}/empty.pt' is empty"),
+    "volume weights web page": Case("mdm_volume_fewshot/train.json", ("--pretrained_weights", "{tmp}/page.pt"),
+                                    "'{tmp}/page.pt' is a web page"),
+    "faces weights missing": Case("mdm_face_parts_fewshot/train.json", ("--pretrained_weights", "{tmp}/none.pt"),
+                                  "pretrained weights '{tmp}/none.pt' not found"),
+    # pretraining data that cannot be used
+    "pretrain only label folders": Case(PRETRAIN, ("--dataset_dir", "{tmp}/labels_only"), "holds only label images"),
+    "pretrain truncated image": Case(PRETRAIN, ("--dataset_dir", "{tmp}/broken_images"), "cannot read image"),
 }
 
 
@@ -77,9 +115,6 @@ def glas_data(tmp_path_factory) -> Path:
 def blank_glas(glas_data, tmp_path_factory) -> Path:
     """The same images with every annotation blank (all background)."""
     import shutil
-
-    import numpy as np
-    from PIL import Image
 
     root = Path(shutil.copytree(glas_data, tmp_path_factory.mktemp("blank") / "GlaS"))
     for anno in root.glob("*_anno.bmp"):
@@ -96,6 +131,16 @@ def test_bad_input_is_refused_with_the_cause_last(name, tmp_path, glas_data, req
     case = CASES[name]
     (tmp_path / "page.pt").write_text("<!DOCTYPE html><html><body>Sign in to download</body></html>\n")
     (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "lfs.pt").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n")
+    torch.save({"state_dict": {"w": torch.zeros(64, 64)}}, tmp_path / "whole.pt")
+    whole = (tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "labels_only" / "labelcol").mkdir(parents=True)
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "labels_only" / "labelcol" / "a_anno.png")
+    (tmp_path / "broken_images").mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "broken_images" / "a.png")
+    png = (tmp_path / "broken_images" / "a.png").read_bytes()
+    (tmp_path / "broken_images" / "b.png").write_bytes(png[: len(png) // 2])
     out = tmp_path / "run"
     (out / "models").mkdir(parents=True)
     (out / "models" / "model.pt").write_bytes(b"an earlier run's model")

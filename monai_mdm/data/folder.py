@@ -82,6 +82,11 @@ def image_folder_datalist(
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
     skipped = [p for p in files if _is_annotation(p, root)] if exclude_annotations else []
     files = [p for p in files if p not in set(skipped)]
+    if not files and skipped:
+        raise FileNotFoundError(
+            f"'{root}' holds only label images ({len(skipped)}: *_anno files or {'/, '.join(LABEL_FOLDERS)}/), which "
+            "pretraining skips; point --dataset_dir at the folder that holds the images."
+        )
     if not files:
         raise FileNotFoundError(
             f"no images ({', '.join(sorted(suffixes))}) found under '{root}'; check --dataset_dir."

@@ -56,7 +56,7 @@ def holdout_split(
     holds nothing out.
     """
     if not 0.0 <= float(fraction) <= 0.5:
-        raise ValueError(f"holdout_fraction must lie in [0, 0.5], got {fraction} (0.2 holds out a fifth).")
+        raise ValueError(f"--holdout_fraction must lie in [0, 0.5], got {fraction} (0.2 holds out a fifth).")
     gen = torch.Generator().manual_seed(int(seed))
     train: list[dict[str, torch.Tensor]] = []
     windows: list[dict[str, torch.Tensor]] = []
