@@ -12,7 +12,7 @@ import pytest
 
 from monai_mdm.command_line import UnknownSettingError, split_config_files, check_overrides, parse_bundle_argv
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PRETRAIN = REPO / "bundles" / "mdm_pretrain" / "configs" / "train.json"
 GLAS = REPO / "bundles" / "mdm_glas_fewshot" / "configs"
 

@@ -12,7 +12,7 @@ from monai.bundle import ConfigParser, ckpt_export, run
 from monai.data import load_net_with_metadata
 from PIL import Image
 
-from conftest import BUNDLES, error_chain
+from helpers import BUNDLES, error_chain
 from monai_mdm.inferers import load_segmentation_model, make_sliding_window_inferer
 from monai_mdm.networks import MDMUNet
 
@@ -137,7 +137,7 @@ def test_weights_of_another_width_are_refused_before_training(demo_data, tmp_pat
 
 
 def test_face_parts_and_volume_overlays_train_end_to_end(demo_data, tmp_path):
-    from conftest import write_face_parts
+    from helpers import write_face_parts
     from monai_mdm.data.volumes import write_volumes
 
     faces = tmp_path / "faces"

@@ -13,7 +13,7 @@ import torch
 from monai.bundle import run, verify_net_in_out
 from PIL import Image
 
-from conftest import BUNDLES, error_chain
+from helpers import BUNDLES, error_chain
 from monai_mdm.data.volumes import (
     check_volume,
     convert_to_nifti,

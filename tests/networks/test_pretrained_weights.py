@@ -10,7 +10,7 @@ import pytest
 import torch
 from monai.bundle import run
 
-from conftest import BUNDLES
+from helpers import BUNDLES
 from monai_mdm.inferers import MDMSegmenter
 from monai_mdm.networks import MDMFeatureExtractor, MDMUNet, PixelHeadEnsemble, load_pretrained
 from monai_mdm.utils import atomic_torch_save

@@ -9,7 +9,7 @@ import pytest
 import torch
 from monai.bundle import run
 
-from conftest import BUNDLES, write_face_parts
+from helpers import BUNDLES, write_face_parts
 
 PRETRAIN = str(BUNDLES / "mdm_pretrain" / "configs" / "train.json")
 FACES = BUNDLES / "mdm_face_parts_fewshot" / "configs"
@@ -65,7 +65,7 @@ def test_face_ensemble_trains_votes_and_reports_miou(face_data, pretrained, tmp_
 def test_face_class_map_beyond_class_count_is_refused(face_data, pretrained, tmp_path):
     import numpy as np
 
-    from conftest import error_chain
+    from helpers import error_chain
 
     bad = write_face_parts(tmp_path / "bad" / "train", n=2)
     np.save(bad / "1.npy", np.full((64, 64), 40, np.uint8))

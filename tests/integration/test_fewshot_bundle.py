@@ -12,7 +12,7 @@ import torch
 from monai.bundle import run
 from PIL import Image
 
-from conftest import BUNDLES, error_chain
+from helpers import BUNDLES, error_chain
 
 PRETRAIN = str(BUNDLES / "mdm_pretrain" / "configs" / "train.json")
 GLAS = BUNDLES / "mdm_glas_fewshot" / "configs"

@@ -19,7 +19,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, LoadImaged, SaveImaged
 from PIL import Image
 
-from conftest import BUNDLES
+from helpers import BUNDLES
 
 FEWSHOT = ["mdm_glas_fewshot", "mdm_monuseg_fewshot", "mdm_face_parts_fewshot"]
 

@@ -15,7 +15,7 @@ import torch
 from monai.bundle import ckpt_export, run, verify_net_in_out
 from monai.data import load_net_with_metadata
 
-from conftest import BUNDLES, REPO, error_chain
+from helpers import BUNDLES, REPO, error_chain
 from monai_mdm.inferers import MDMSegmenter, load_segmentation_model, make_sliding_window_inferer
 from monai_mdm.networks import MDMFeatureExtractor, MDMUNet, PixelHeadEnsemble
 from monai_mdm.transforms import GaussianNoise

@@ -18,7 +18,7 @@ import torch
 from monai.bundle import run, verify_metadata
 from PIL import Image
 
-from conftest import BUNDLES, REPO, SCHEMA, error_chain
+from helpers import BUNDLES, REPO, SCHEMA, error_chain
 from monai_mdm.networks import MDMUNet
 
 TRAIN = str(BUNDLES / "mdm_pretrain" / "configs" / "train.json")

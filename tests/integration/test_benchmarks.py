@@ -6,7 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "pretrain_throughput.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "pretrain_throughput.py"
 
 
 def _load_script():

@@ -26,7 +26,7 @@ import torch
 from monai.bundle import ConfigParser, run
 from PIL import Image
 
-from conftest import BUNDLES, error_chain, write_face_parts
+from helpers import BUNDLES, error_chain, write_face_parts
 
 PRETRAIN = str(BUNDLES / "mdm_pretrain" / "configs" / "train.json")
 GLAS = BUNDLES / "mdm_glas_fewshot" / "configs"

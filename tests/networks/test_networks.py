@@ -9,7 +9,7 @@ import torch
 
 from monai_mdm.networks import PRESETS, MDMUNet, guided_diffusion_config_to_kwargs, timestep_embedding
 
-from conftest import FIXTURES
+from helpers import FIXTURES
 
 FIXTURE = FIXTURES / "guided_unet_reference.pt"
 PAPER_PARAMS = 311_017_539

@@ -392,7 +392,7 @@ def test_sixteen_bit_tiff_reaches_the_network_monotonic(tmp_path, monkeypatch):
     ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "ramp.tif")
     parser = ConfigParser()
-    parser.read_config(str(Path(__file__).resolve().parents[1] / "bundles/mdm_pretrain/configs/train.json"))
+    parser.read_config(str(Path(__file__).resolve().parents[2] / "bundles/mdm_pretrain/configs/train.json"))
     parser["image_size"] = 64
     load = parser.get_parsed_content("train#preprocessing").transforms[:2]  # LoadImaged, EnsureRGBd
     with pytest.warns(UserWarning, match=r"values 0\.\.65535 .*ramp\.tif"):

@@ -13,7 +13,7 @@ from monai_mdm.networks import PRESETS, MDMFeatureExtractor, MDMUNet, guided_dif
 from monai_mdm.networks import load_pretrained_unet
 from monai_mdm.networks.interchange import match_architecture, preset_candidates
 
-from conftest import FIXTURES
+from helpers import FIXTURES
 
 FIXTURE = FIXTURES / "guided_unet_reference.pt"
 BLOCKS = (2, 5, 8)
@@ -205,7 +205,7 @@ def test_converted_checkpoint_drives_the_face_bundle(ref, tmp_path, capsys):
     still reproduces the reference decoder blocks (the bundle used the released weights unchanged)."""
     from monai.bundle import run
 
-    from conftest import BUNDLES, write_face_parts
+    from helpers import BUNDLES, write_face_parts
     from monai_mdm.inferers import load_segmentation_model
 
     source = tmp_path / "released.pt"

@@ -219,7 +219,7 @@ def test_bundles_stop_on_held_out_dice_by_default(bundle):
     background, so the bundles watch Dice; --stop_metric loss stays selectable."""
     from monai.bundle import ConfigParser
 
-    from conftest import BUNDLES
+    from helpers import BUNDLES
 
     parser = ConfigParser()
     parser.read_config(str(BUNDLES / bundle / "configs" / "train.json"))

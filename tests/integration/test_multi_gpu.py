@@ -15,7 +15,7 @@ import pytest
 import torch
 from monai.bundle import run
 
-from conftest import BUNDLES, REPO
+from helpers import BUNDLES, REPO
 
 PRETRAIN = BUNDLES / "mdm_pretrain" / "configs"
 GLAS = BUNDLES / "mdm_glas_fewshot" / "configs"

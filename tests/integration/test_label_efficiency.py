@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from helpers import REPO
 
 TINY = ["--set", "crop_size=32", "--set", "crops_per_image=2", "--set", "max_steps=2", "--set", "epoch_length=2", "--set", "warmup_epochs=0",
         "--set", "unet_batch_size=2"]
