@@ -13,3 +13,18 @@ def demo_data(tmp_path_factory) -> dict[str, Path]:
     from monai_mdm.data.synthetic import write_demo_data
 
     return write_demo_data(tmp_path_factory.mktemp("demo_data"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(demo_data, tmp_path_factory) -> Path:
+    """One tiny pretraining run (2 iterations at 32 px on the embedded GlaS set) through the bundle, shared by
+    every test that needs pretrained weights: its ``models/`` folder (``model.pt``, ``model_ema.pt``)."""
+    from monai.bundle import run
+
+    from helpers import BUNDLES
+
+    out = tmp_path_factory.mktemp("tiny_pretrain")
+    run(config_file=str(BUNDLES / "mdm_pretrain" / "configs" / "train.json"), dataset_dir=str(demo_data["glas"]),
+        output_dir=str(out), max_iterations=2, image_size=32, batch_size=2, num_workers=0, progress_bar=False,
+        grid_interval=0)  # fmt: skip
+    return out / "models"

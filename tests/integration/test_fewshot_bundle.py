@@ -21,20 +21,8 @@ HEAD = dict(crop_size=32, crops_per_image=2, max_steps=8, epoch_length=4, warmup
 
 
 @pytest.fixture(scope="module")
-def pretrained(demo_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pretrain")
-    run(
-        config_file=PRETRAIN,
-        dataset_dir=str(demo_data["glas"]),
-        output_dir=str(out),
-        max_iterations=2,
-        image_size=32,
-        batch_size=2,
-        num_workers=0,
-        progress_bar=False,
-        grid_interval=0,
-    )
-    return out / "models" / "model_ema.pt"
+def pretrained(tiny_pretrained) -> Path:
+    return tiny_pretrained / "model_ema.pt"
 
 
 @pytest.fixture(scope="module")

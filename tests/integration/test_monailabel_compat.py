@@ -25,15 +25,11 @@ FEWSHOT = ["mdm_glas_fewshot", "mdm_monuseg_fewshot", "mdm_face_parts_fewshot"]
 
 
 @pytest.fixture(scope="module")
-def trained_model(demo_data, tmp_path_factory) -> Path:
+def trained_model(demo_data, tiny_pretrained, tmp_path_factory) -> Path:
     """A tiny GlaS segmenter written by the bundle's own train.json (2 pretraining steps, 2 head steps)."""
-    pre = tmp_path_factory.mktemp("pretrain")
-    run(config_file=str(BUNDLES / "mdm_pretrain" / "configs" / "train.json"), dataset_dir=str(demo_data["glas"]),
-        output_dir=str(pre), max_iterations=2, image_size=32, batch_size=2, num_workers=0, progress_bar=False,
-        grid_interval=0)  # fmt: skip
     out = tmp_path_factory.mktemp("head")
     run(config_file=str(BUNDLES / "mdm_glas_fewshot" / "configs" / "train.json"), dataset_dir=str(demo_data["glas"]),
-        output_dir=str(out), pretrained_weights=str(pre / "models" / "model_ema.pt"), label_budget=1,
+        output_dir=str(out), pretrained_weights=str(tiny_pretrained / "model_ema.pt"), label_budget=1,
         crop_size=32, crops_per_image=2, max_steps=2, epoch_length=2, warmup_epochs=0)  # fmt: skip
     return out / "models" / "model.pt"
 
