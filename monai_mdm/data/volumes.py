@@ -25,6 +25,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from monai.data import NibabelWriter
@@ -177,6 +178,29 @@ def _case_name(path: Path) -> str:
     return path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.stem
 
 
+def _check_complete(path: Path, img: Any) -> None:
+    """Refuse a file whose voxel data ends early, naming it: the header reads fine and the reader fails (or the
+    process aborts in a loader thread) only when the data is loaded, far from any file name."""
+    expected = int(np.prod(img.shape)) * np.dtype(img.get_data_dtype()).itemsize
+    offset = int(img.header.get_data_offset()) if hasattr(img.header, "get_data_offset") else 0
+    try:
+        if path.suffix.lower() == ".gz":
+            import gzip
+
+            size = 0
+            with gzip.open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    size += len(chunk)
+        else:
+            size = path.stat().st_size
+    except (OSError, EOFError) as e:
+        raise ValueError(f"NIfTI '{path}' is truncated or damaged ({type(e).__name__}: {e}); replace or remove "
+                         "the file (copy it again).") from e
+    if size < offset + expected:
+        raise ValueError(f"NIfTI '{path}' is truncated: {size} bytes of data, its header needs {offset + expected}; "
+                         "replace or remove the file (copy it again).")
+
+
 def check_volume(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray]:
     """``(shape, affine)`` of a 3D NIfTI from its header alone; ``ValueError`` naming the file if it is unusable.
 
@@ -192,6 +216,7 @@ def check_volume(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray]:
         affine = np.asarray(img.affine, dtype=np.float64)
     except Exception as e:  # nibabel raises several kinds for truncated or foreign files
         raise ValueError(f"cannot read NIfTI '{path}' ({type(e).__name__}: {e}); replace or remove the file.") from e
+    _check_complete(path, img)
     if len(shape) != 3:
         fix = (
             "split the series into one 3D file per channel or time point"

@@ -453,3 +453,20 @@ def test_preprocessed_labels_keep_instance_ids_when_the_file_has_them(tmp_path):
     Image.fromarray((ids > 0).astype(np.uint8) * 255).save(tmp_path / "mask.png")
     assert np.unique(read_instance_map(tmp_path / "ids.png", binarize=True)).tolist() == [0, 1, 2]
     assert np.unique(read_instance_map(tmp_path / "mask.png", binarize=True)).tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_truncated_nifti_is_named_before_loading(tmp_path, suffix):
+    """The header of a cut-off volume reads fine; the check reads the data through and names the file."""
+    import nibabel as nib
+
+    from monai_mdm.data.volumes import check_volume
+
+    whole = tmp_path / f"whole{suffix}"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((24, 24, 24)).astype(np.float32), np.eye(4)), whole)
+    assert check_volume(whole)[0] == (24, 24, 24)
+    cut = tmp_path / f"vol_002{suffix}"
+    data = whole.read_bytes()
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(ValueError, match=r"NIfTI '.*vol_002\.nii(\.gz)?' is truncated"):
+        check_volume(cut)
