@@ -82,6 +82,16 @@ class StagedFolder:
         self.partial.mkdir(parents=True)
         return self.partial
 
+    def merge(self) -> Path:
+        """Move the staged files into ``final`` (replacing files of the same name, keeping the others)."""
+        for src in sorted(self.partial.rglob("*")):
+            if src.is_file():
+                dst = self.final / src.relative_to(self.partial)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dst)
+        shutil.rmtree(self.partial, ignore_errors=True)
+        return self.final
+
     def commit(self) -> Path:
         shutil.rmtree(self._old, ignore_errors=True)
         if self.final.exists():

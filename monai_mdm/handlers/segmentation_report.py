@@ -71,6 +71,24 @@ class StagedReport:
             staged.commit()
 
 
+class PublishWhenComplete:
+    """Let a writer (MONAI's ``SaveImaged``) write into ``staging`` and move its files into ``output_dir`` only
+    when the run completes: an inference that fails midway adds no prediction and changes none, and the folder's
+    other files stay (unlike the reports, which replace their whole folder)."""
+
+    def __init__(self, output_dir: str | Path) -> None:
+        self.folder = StagedFolder(output_dir)
+
+    @staticmethod
+    def staging_for(output_dir: str | Path) -> str:
+        """Where the writer should write: the hidden sibling of ``output_dir``."""
+        return str(StagedFolder(output_dir).partial)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda _: self.folder.begin())
+        engine.add_event_handler(Events.COMPLETED, lambda _: self.folder.merge())
+
+
 class SegmentationReport(StagedReport):
     """Score every image an evaluator segments, save what it predicted, and write the tables at the end.
 

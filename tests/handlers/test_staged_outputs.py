@@ -89,3 +89,32 @@ def test_temporary_file_of_a_killed_write_is_removed_on_the_next_start(tmp_path)
     (tmp_path / "model.pt").write_bytes(b"kept")
     prepare_output_folder(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_inference_outputs_appear_only_when_the_run_completes(tmp_path):
+    """PublishWhenComplete: the saver writes into the staging sibling; a failed run adds and changes nothing,
+    a complete one moves its predictions in beside the folder's other files."""
+    from monai_mdm.handlers import PublishWhenComplete
+
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "case_0_seg.png").write_text("earlier prediction")
+    (out / "notes.txt").write_text("kept")
+    staging = Path(PublishWhenComplete.staging_for(out))
+
+    def infer(n: int, fail_at: int | None = None) -> None:
+        def step(engine, i):
+            if i == fail_at:
+                raise OSError("disk full")
+            (staging / f"case_{i}_seg.png").write_text(f"new {i}")
+
+        engine = Engine(step)
+        PublishWhenComplete(out).attach(engine)
+        engine.run(range(n), max_epochs=1)
+
+    with pytest.raises(OSError):
+        infer(3, fail_at=1)
+    assert listing(out) == {"case_0_seg.png": b"earlier prediction", "notes.txt": b"kept"}
+    infer(2)
+    assert listing(out) == {"case_0_seg.png": b"new 0", "case_1_seg.png": b"new 1", "notes.txt": b"kept"}
+    assert not staging.exists()
