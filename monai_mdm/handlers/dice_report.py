@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from monai.utils import CommonKeys
 
 from monai_mdm.handlers.segmentation_report import StagedReport
@@ -55,11 +55,6 @@ class DiceReport(StagedReport):
         self.ignore_index = int(ignore_index)
         self.extra = dict(extra or {})
         self.table = MetricTable(run_key="run")
-
-    def attach(self, engine: Engine) -> None:
-        self.attach_staging(engine)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
-        engine.add_event_handler(Events.COMPLETED, self.completed)
 
     def case_dice(self, classes: np.ndarray, truth: np.ndarray) -> dict[str, float]:
         """``{"dice_<class>": ..., "mean_dice": ...}`` of one class map against its label (same shape)."""

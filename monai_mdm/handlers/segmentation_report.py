@@ -48,7 +48,8 @@ def _save_png(path: Path, array: np.ndarray) -> None:
 
 class StagedReport:
     """Base of the evaluation reports: files go to ``self.out``, a staging folder from the evaluation's start
-    that replaces ``output_dir`` when it completes (see :class:`~monai_mdm.utils.StagedFolder`)."""
+    that replaces ``output_dir`` when it completes (see :class:`~monai_mdm.utils.StagedFolder`). Subclasses
+    define ``iteration_completed`` and ``completed`` (which calls :meth:`publish`)."""
 
     output_dir: Path
 
@@ -57,8 +58,10 @@ class StagedReport:
         staged = getattr(self, "_staged", None)
         return staged.partial if staged is not None else self.output_dir
 
-    def attach_staging(self, engine: Engine) -> None:
+    def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._begin)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
 
     def _begin(self, engine: Engine) -> None:
         self._staged = StagedFolder(self.output_dir)
@@ -131,11 +134,6 @@ class SegmentationReport(StagedReport):
         self.save_overlays = save_overlays
         self.extra = dict(extra or {})
         self.table = MetricTable(run_key="run")
-
-    def attach(self, engine: Engine) -> None:
-        self.attach_staging(engine)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
-        engine.add_event_handler(Events.COMPLETED, self.completed)
 
     def iteration_completed(self, engine: Engine) -> None:
         from monai_mdm.metrics import evaluate_case
@@ -230,9 +228,7 @@ class ClassIoUReport(StagedReport):
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, lambda _: self.iou.reset())
-        self.attach_staging(engine)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
-        engine.add_event_handler(Events.COMPLETED, self.completed)
+        super().attach(engine)
 
     def _colour(self, classes: np.ndarray) -> np.ndarray:
         out = self.palette[np.clip(classes, 0, len(self.palette) - 1)]
