@@ -78,19 +78,6 @@ def split_config_files(value: Any) -> list[str]:
     return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
 
 
-def _lookup(config: Any, key: str) -> tuple[bool, Any]:
-    """Whether the ``#``-separated id exists in the merged config, and its value."""
-    node = config
-    for part in key.replace("::", "#").split("#"):
-        if isinstance(node, Mapping) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return False, None
-    return True, node
-
-
 def check_overrides(config_files: Sequence[str], overrides: Mapping[str, Any], meta_file: str | None = None) -> None:
     """Refuse settings the configs do not define (naming the closest ones) and booleans given as text.
 
@@ -103,11 +90,9 @@ def check_overrides(config_files: Sequence[str], overrides: Mapping[str, Any], m
     from monai.bundle import ConfigParser
 
     files = [f for f in config_files if f]
-    config: dict[str, Any] = {}
-    for f in files:
-        if not os.path.isfile(f):
-            return  # MONAI reports the missing file itself
-        config.update(ConfigParser.load_config_file(f))
+    if not files or not all(os.path.isfile(f) for f in files):
+        return  # MONAI reports the missing file itself
+    config = ConfigParser.load_config_files(files)  # merged as `monai.bundle run` merges them
     settings = [str(k) for k in config]  # what a typo is compared with (metadata keys are no settings)
     meta = meta_file if meta_file else (str(Path(files[0]).parent / "metadata.json") if files else None)
     if isinstance(meta, str) and os.path.isfile(meta):
@@ -117,13 +102,13 @@ def check_overrides(config_files: Sequence[str], overrides: Mapping[str, Any], m
         from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
 
         config = {**DEFAULT_MLFLOW_SETTINGS["configs"], **config}
+    parser = ConfigParser(config)
     names = " + ".join(f"'{f}'" for f in files)
     problems = []
     for key, value in overrides.items():
         if key in MONAI_RUN_ARGS:
             continue
-        found, default = _lookup(config, key)
-        if not found:
+        if key not in parser:
             if os.environ.get(ALLOW_NEW_KEYS_ENV) == "1":
                 continue
             close = difflib.get_close_matches(key.split("#")[0], settings, n=3, cutoff=0.6)
@@ -132,7 +117,7 @@ def check_overrides(config_files: Sequence[str], overrides: Mapping[str, Any], m
                 f"--{key} is not a setting of {names}, so it would be ignored and the run would use the "
                 f"default.{hint}"
             )
-        elif isinstance(default, bool) and isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        elif isinstance(parser[key], bool) and isinstance(value, str) and value.strip().lower() in ("true", "false"):
             fixed = value.strip().lower() == "true"
             problems.append(
                 f"--{key} {value} arrives as the text '{value}', which Python reads as true. Write --{key} {fixed} "
