@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -81,7 +82,8 @@ def image_folder_datalist(
     suffixes = {e.lower() for e in extensions}
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
     skipped = [p for p in files if _is_annotation(p, root)] if exclude_annotations else []
-    files = [p for p in files if p not in set(skipped)]
+    if skipped:
+        files = [p for p in files if not _is_annotation(p, root)]
     if not files and skipped:
         raise FileNotFoundError(
             f"'{root}' holds only label images ({len(skipped)}: *_anno files or {'/, '.join(LABEL_FOLDERS)}/), which "
@@ -107,10 +109,7 @@ def image_folder_datalist(
                 f"image '{path}' is {height} x {width} pixels, smaller than the crop {min_hw[0]} x {min_hw[1]}; "
                 "lower --image_size or remove the image."
             )
-    by_folder: dict[str, int] = {}
-    for p in files:
-        where = p.parent.relative_to(root).as_posix()
-        by_folder[where] = by_folder.get(where, 0) + 1
+    by_folder = Counter(p.parent.relative_to(root).as_posix() for p in files)
     where = ", ".join(f"{n} in '{f}'" for f, n in by_folder.items())
     note = f"; skipped {len(skipped)} label images (*_anno, {'/, '.join(LABEL_FOLDERS)}/)" if skipped else ""
     logger.info(f"using {len(files)} images under '{root}': {where}{note}.")
