@@ -38,19 +38,20 @@ def main(argv: list[str] | None = None) -> dict:
         for mode in results:
             out = Path(args.out) / f"{mode}_seed{seed}"
             start = time.time()
+            overlays = [] if mode == "cached" else [str(GLAS / "online_features.json")]
             run(
-                config_file=str(GLAS / "train.json"),
+                config_file=[str(GLAS / "train.json"), *overlays],
                 dataset_dir=args.data,
                 output_dir=str(out),
                 pretrained_weights=args.pretrained,
                 label_budget=args.label_budget,
-                feature_mode=mode,
                 **({} if args.steps is None else {"max_steps": args.steps}),
                 crops_per_image=args.crops_per_image,
                 seed=seed,
             )
             train_s = time.time() - start
-            run(config_file=str(GLAS / "evaluate.json"), dataset_dir=args.data, output_dir=str(out), run_name=mode)
+            evaluate = [str(GLAS / "train.json"), str(GLAS / "evaluate.json")]
+            run(config_file=evaluate, dataset_dir=args.data, output_dir=str(out), run_name=mode)
             summary = json.loads((out / "evaluation" / "metrics.json").read_text())["summary"]
             results[mode].append(
                 {"seed": seed, "train_s": train_s, **{k: v["mean"] for k, v in summary.items()}}

@@ -78,6 +78,13 @@ def split_config_files(value: Any) -> list[str]:
     return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
 
 
+# settings that became overlay files: the hint says which file to add instead
+RETIRED_SETTINGS = {
+    "feature_mode": " Features are recomputed on fresh crops by adding the overlay configs/online_features.json "
+    "after configs/train.json in --config_file (fine-tuning's configs/finetune.json already does).",
+}
+
+
 def check_overrides(config_files: Sequence[str], overrides: Mapping[str, Any], meta_file: str | None = None) -> None:
     """Refuse settings the configs do not define (naming the closest ones) and booleans given as text.
 
@@ -113,6 +120,7 @@ def check_overrides(config_files: Sequence[str], overrides: Mapping[str, Any], m
                 continue
             close = difflib.get_close_matches(key.split("#")[0], settings, n=3, cutoff=0.6)
             hint = f" Did you mean {' or '.join('--' + c for c in close)}?" if close else ""
+            hint = RETIRED_SETTINGS.get(key, hint)
             problems.append(
                 f"--{key} is not a setting of {names}, so it would be ignored and the run would use the "
                 f"default.{hint}"

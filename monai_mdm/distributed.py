@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,7 @@ __all__ = [
     "is_rank0",
     "local_device",
     "per_rank_batch_size",
+    "rank_sampler",
     "sum_over_ranks",
 ]
 
@@ -82,6 +84,20 @@ def init_distributed(backend: str) -> None:
         f"rank {get_rank()} of {get_world_size()} (local rank {os.environ['LOCAL_RANK']}) "
         f"on {local_device()}, backend {backend}."
     )
+
+
+def rank_sampler(dataset: Any) -> Any:
+    """The sampler that gives each process its part of ``dataset``, or None for a dataset that shards itself.
+
+    The few-shot feature cache splits its crops by rank when it is built (``num_shards``/``shard``), so it needs no
+    sampler; any other dataset (the online crops of fine-tuning, the baseline UNet) gets MONAI's
+    ``DistributedSampler``. Deciding from the dataset keeps one multi-GPU overlay valid for every feature path.
+    """
+    from monai.data import DistributedSampler
+
+    from monai_mdm.data import FeatureCache
+
+    return None if isinstance(dataset, FeatureCache) else DistributedSampler(dataset, shuffle=True)
 
 
 def per_rank_batch_size(batch_size: int, world_size: int | None = None) -> int:

@@ -8,7 +8,7 @@
 
 For every label budget (number of labelled training images), seed and method it runs the few-shot bundle
 exactly as a user would (``monai.bundle.run`` on ``configs/train.json`` plus the method's overlay, then
-``configs/evaluate.json`` on the full-size test images) and collects the per-image metrics. The seed draws the
+``configs/train.json`` + ``configs/evaluate.json`` on the full-size test images) and collects the per-image metrics. The seed draws the
 labelled images and the training randomness; every method gets the same labelled images for one seed.
 
 Methods:
@@ -162,7 +162,7 @@ def run_one(
     )
     train_s = time.time() - start
     start = time.time()
-    _run_bundle(config_file=str(configs / "evaluate.json"), dataset_dir=str(data), output_dir=str(run_dir),
+    _run_bundle(config_file=[str(configs / "train.json"), str(configs / "evaluate.json")], dataset_dir=str(data), output_dir=str(run_dir),
                 run_name=method)
     eval_s = time.time() - start
     rows = json.loads(metrics_file.read_text())["rows"]

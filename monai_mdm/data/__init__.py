@@ -18,6 +18,7 @@ _EXPORTS = {
     "budget_record": "budget",
     "check_volume": "volumes",
     "convert_to_nifti": "volumes",
+    "face_class_names": "faces",
     "face_palette": "faces",
     "faces_datalist": "faces",
     "glas_datalist": "glas",

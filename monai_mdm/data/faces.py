@@ -22,6 +22,7 @@ __all__ = [
     "CELEBA19_CLASSES",
     "FFHQ34_CLASSES",
     "check_num_classes",
+    "face_class_names",
     "face_palette",
     "faces_datalist",
     "read_class_map",
@@ -92,6 +93,17 @@ CELEBA19_CLASSES: tuple[str, ...] = (
 )
 
 _KNOWN_SETS = {34: "FFHQ-34", 19: "CelebA-19"}
+
+
+def face_class_names(dataset: str) -> list[str]:
+    """The part names of the face data set named by the bundle's ``dataset`` setting (``ffhq34`` or ``celeba19``).
+
+    Any other name is refused: taking one set's names for the other would mislabel every report.
+    """
+    sets = {"ffhq34": FFHQ34_CLASSES, "celeba19": CELEBA19_CLASSES}
+    if dataset not in sets:
+        raise ValueError(f"dataset '{dataset}' is not a face-parts data set; set --dataset to one of {sorted(sets)}.")
+    return list(sets[dataset])
 
 
 def face_palette(num_classes: int) -> np.ndarray:

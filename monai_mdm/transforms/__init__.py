@@ -6,6 +6,7 @@ from monai_mdm.transforms.corruption import (
     Corruption,
     GaussianNoise,
     PatchMasking,
+    feature_corruption,
     guided_diffusion_linear_betas,
     patch_grid_shape,
     patch_keep_mask,

@@ -20,6 +20,7 @@ __all__ = [
     "patch_grid_shape",
     "patch_keep_mask",
     "GaussianNoise",
+    "feature_corruption",
     "guided_diffusion_linear_betas",
 ]
 
@@ -291,3 +292,17 @@ class GaussianNoise(Corruption):
             f"{type(self).__name__}(num_timesteps={self.num_timesteps}, shared_noise={self.shared_noise}, "
             f"noise_seed={self.noise_seed})"
         )
+
+
+def feature_corruption(corruption: str, seed: int | None = 0) -> Corruption | str:
+    """The corruption a few-shot bundle's ``corruption`` setting names for reading features.
+
+    ``"mask"``: the extractor's default, MDM's patch masking. ``"ddpm"``: Gaussian noise at the feature timestep
+    with one noise sample shared by every image (the DDPM-features baseline). Any other name is refused, so that a
+    typo cannot silently fall back to masking.
+    """
+    if corruption == "mask":
+        return "default"
+    if corruption == "ddpm":
+        return GaussianNoise(shared_noise=True, noise_seed=seed)
+    raise ValueError(f"corruption '{corruption}' is not known; set --corruption to 'mask' (MDM) or 'ddpm'.")

@@ -48,7 +48,7 @@ def test_face_ensemble_trains_votes_and_reports_miou(face_data, pretrained, tmp_
     # majority-vote fractions (plus a tiny tie-break) sum to one per pixel
     assert torch.allclose(scores.sum(1), torch.ones(1, 64, 64), atol=1e-4)
 
-    run(config_file=str(FACES / "evaluate.json"), dataset_dir=str(face_data), output_dir=str(tmp_path),
+    run(config_file=[str(FACES / "train.json"), str(FACES / "evaluate.json")], dataset_dir=str(face_data), output_dir=str(tmp_path),
         window_size=64)  # fmt: skip
     ev = tmp_path / "evaluation"
     doc = json.loads((ev / "metrics.json").read_text())

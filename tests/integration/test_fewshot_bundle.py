@@ -64,7 +64,7 @@ def test_head_training_saves_segmenter_and_budget(mdm_run, demo_data, pretrained
 
 def test_evaluation_writes_tables_predictions_and_overlays(mdm_run, demo_data):
     run(
-        config_file=str(GLAS / "evaluate.json"),
+        config_file=[str(GLAS / "train.json"), str(GLAS / "evaluate.json")],
         dataset_dir=str(demo_data["glas"]),
         output_dir=str(mdm_run),
         window_size=32,
@@ -90,12 +90,11 @@ def test_evaluation_writes_tables_predictions_and_overlays(mdm_run, demo_data):
 
 def test_recompute_mode_and_ddpm_features_train(demo_data, pretrained, tmp_path):
     run(
-        config_file=str(GLAS / "train.json"),
+        config_file=[str(GLAS / "train.json"), str(GLAS / "online_features.json")],
         dataset_dir=str(demo_data["glas"]),
         output_dir=str(tmp_path),
         pretrained_weights=str(pretrained),
         label_budget=["train_1"],
-        feature_mode="recompute",
         corruption="ddpm",
         **HEAD,
     )
@@ -121,7 +120,7 @@ def test_unet_baseline_trains_and_evaluates(demo_data, tmp_path):
 
     assert isinstance(load_segmentation_model(tmp_path / "models" / "model.pt"), BasicUNet)
     run(
-        config_file=str(GLAS / "evaluate.json"),
+        config_file=[str(GLAS / "train.json"), str(GLAS / "evaluate.json")],
         dataset_dir=str(demo_data["glas"]),
         output_dir=str(tmp_path),
         window_size=32,
@@ -239,7 +238,7 @@ def test_monuseg_bundle_trains_and_reports_instance_metrics(demo_data, pretraine
         **HEAD,
     )
     run(
-        config_file=str(configs / "evaluate.json"),
+        config_file=[str(configs / "train.json"), str(configs / "evaluate.json")],
         dataset_dir=str(demo_data["monuseg"]),
         output_dir=str(tmp_path),
         window_size=32,
@@ -287,15 +286,15 @@ def test_trained_head_is_put_on_the_training_device(bundle, head_id, pretrained,
     assert {p.device.type for p in head.parameters()} == {"meta"}
 
 
-@pytest.mark.parametrize("mode, built", [("cached", "FeatureCache"), ("recompute", "Dataset")])
-def test_only_the_chosen_training_set_is_built(mode, built, demo_data, pretrained):
-    """With --feature_mode recompute no feature cache is computed (it would cost a UNet pass per crop)."""
+@pytest.mark.parametrize("overlays, built", [([], "FeatureCache"), (["online_features.json"], "Dataset")])
+def test_only_the_chosen_training_set_is_built(overlays, built, demo_data, pretrained):
+    """With the online-features overlay no feature cache is computed (it would cost a UNet pass per crop)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(str(GLAS / "train.json"))
-    parser.update({"dataset_dir": str(demo_data["glas"]), "pretrained_weights": str(pretrained), "feature_mode": mode})
+    parser.read_config([str(GLAS / name) for name in ["train.json", *overlays]])
+    parser.update({"dataset_dir": str(demo_data["glas"]), "pretrained_weights": str(pretrained)})
     parser.update(HEAD)
-    other = "train#online" if mode == "cached" else "train#cached"
-    assert parser.get_parsed_content(other) is None
     assert type(parser.get_parsed_content("train#dataloader#dataset")).__name__ == built
+    other = "train#cached" if overlays else "train#online"
+    assert other not in parser.ref_resolver.resolved_content

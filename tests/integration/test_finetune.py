@@ -94,7 +94,7 @@ def test_finetuned_model_evaluates_and_serves_through_pyfunc(finetuned, demo_dat
 
     from monai_mdm.handlers import save_mlflow_model
 
-    run(config_file=str(GLAS / "evaluate.json"), dataset_dir=str(demo_data["glas"]), output_dir=str(finetuned),
+    run(config_file=[str(GLAS / "train.json"), str(GLAS / "evaluate.json")], dataset_dir=str(demo_data["glas"]), output_dir=str(finetuned),
         window_size=WINDOW, test_split="testB", run_name="finetune")  # fmt: skip
     doc = json.loads((finetuned / "evaluation" / "metrics.json").read_text())
     assert [r["name"] for r in doc["rows"]] == ["testB_1", "testB_2"] and doc["rows"][0]["run"] == "finetune"

@@ -114,7 +114,7 @@ def fewshot_run(server, pretrain_run, small_glas, tmp_path_factory) -> Path:
             pretrained_weights=str(pretrain_run / "models" / "model_ema.pt"), tracking="mlflow", **HEAD,
         )  # fmt: skip
     run(
-        config_file=str(GLAS / "evaluate.json"), dataset_dir=str(small_glas), output_dir=str(out),
+        config_file=[str(GLAS / "train.json"), str(GLAS / "evaluate.json")], dataset_dir=str(small_glas), output_dir=str(out),
         window_size=HEAD["crop_size"], tracking="mlflow", tracking_uri=server,
     )  # fmt: skip
     return out
@@ -216,7 +216,7 @@ def test_face_parts_bundle_records_per_class_iou_and_a_34_class_model(
     run(config_file=str(FACES / "train.json"), pretrained_weights=str(pretrain_run / "models" / "model_ema.pt"),
         preset="tiny", blocks=[5, 6, 7], crop_size=64, max_steps=2, epoch_length=2, warmup_epochs=0, num_heads=2,
         **common)  # fmt: skip
-    run(config_file=str(FACES / "evaluate.json"), window_size=64, **common)
+    run(config_file=[str(FACES / "train.json"), str(FACES / "evaluate.json")], window_size=64, **common)
     doc = json.loads((out / "evaluation" / "metrics.json").read_text())
     metrics = _only_run(client, "mdm_face_parts_fewshot", "mdm").data.metrics
     assert metrics["test_mean_iou"] == pytest.approx(doc["mean_iou"])
@@ -245,7 +245,7 @@ def test_volume_bundle_records_settings_dice_tables_and_a_3d_model(tmp_path, mon
     common = dict(dataset_dir=str(data), output_dir=str(out), tracking="mlflow")
     run(config_file=str(VOLUME / "train.json"), pretrained_weights=str(weights), label_budget=1, crop_size=16,
         crops_per_image=2, batch_size=1, max_steps=2, epoch_length=2, warmup_epochs=0, **common)  # fmt: skip
-    run(config_file=str(VOLUME / "evaluate.json"), window_size=16, overlap=0.0, **common)
+    run(config_file=[str(VOLUME / "train.json"), str(VOLUME / "evaluate.json")], window_size=16, overlap=0.0, **common)
     uri = path_to_sqlite_uri(str(out / "mlruns.db"))
     client = mlflow.MlflowClient(uri)
 
@@ -356,7 +356,7 @@ def _handler_targets(config_files) -> list[str]:
     [
         [b / "configs" / name for name in names]
         for b in sorted(p for p in BUNDLES.iterdir() if (p / "configs" / "train.json").is_file())
-        for names in (["train.json"], ["evaluate.json"], ["train.json", "train_unet.json"])
+        for names in (["train.json"], ["train.json", "evaluate.json"], ["train.json", "train_unet.json"])
         if all((b / "configs" / n).is_file() for n in names)
     ],
     ids=lambda files: "+".join(f"{f.parent.parent.name}/{f.name}" for f in files),

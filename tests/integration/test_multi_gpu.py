@@ -46,7 +46,7 @@ def _torchrun_result(configs: Path, log_dir: Path, **overrides) -> tuple[int, st
     logs = {}
     for rank in range(WORLD):
         files = sorted(log_dir.glob(f"*/attempt_0/{rank}/std*.log"))
-        logs[rank] = "".join(f.read_text() for f in files)
+        logs[rank] = "".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
     return result.returncode, result.stderr, logs
 
 

@@ -280,7 +280,7 @@ def test_inference_writes_nifti_predictions_on_the_input_affine(fewshot, volumes
 
 
 def test_evaluation_reports_dice_per_case(fewshot, volumes):
-    run(config_file=str(VOLUME / "evaluate.json"), dataset_dir=str(volumes), output_dir=str(fewshot),
+    run(config_file=[str(VOLUME / "train.json"), str(VOLUME / "evaluate.json")], dataset_dir=str(volumes), output_dir=str(fewshot),
         window_size=CUBE, overlap=0.0)  # fmt: skip
     doc = json.loads((fewshot / "evaluation" / "metrics.json").read_text())
     assert [r["name"] for r in doc["rows"]] == ["vol_test_001", "vol_test_002"]
