@@ -338,7 +338,9 @@ class MAEObjective(Objective):
         super().__init__(*args, **kwargs)
         self.mask_ratio = _check_ratio(mask_ratio)
         if isinstance(timestep, bool) or not isinstance(timestep, int) or not 0 <= timestep < self.num_timesteps:
-            raise ValueError(f"--objective mae: timestep must be an integer in [0, {self.num_timesteps}), got {timestep!r}.")
+            raise ValueError(
+                f"--objective mae: timestep must be an integer in [0, {self.num_timesteps}), got {timestep!r}."
+            )
         self.timestep = int(timestep)
 
     def parameters(self) -> dict[str, Any]:
