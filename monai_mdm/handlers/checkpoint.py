@@ -120,6 +120,9 @@ class TrainingCheckpoint:
             holds it under ``"pretraining"``, and each final model is written self-describing as
             ``{"state_dict", "network_config", "pretraining"}`` (``network_config`` for networks that have
             ``to_guided_diffusion_config``), which ``load_pretrained_unet`` and ``load_pretrained`` read.
+        record: fixed entries added to that record (the pretraining bundle's ``{"objective": ...}``, the
+            objective that trains the network). Resuming a checkpoint whose record names another objective is
+            refused before anything is loaded; checkpoints without an objective entry were MDM's.
 
     In multi-process (DDP) training every rank resumes from the same checkpoint (checked: a rank that finds
     another one stops the run) but only rank 0 writes.
@@ -134,6 +137,7 @@ class TrainingCheckpoint:
         resume: bool = True,
         final_models: Mapping[str, str] | None = None,
         describe: Any = None,
+        record: Mapping[str, Any] | None = None,
     ) -> None:
         self.save_dir = Path(save_dir)
         self.save_dict = dict(save_dict)
@@ -142,6 +146,7 @@ class TrainingCheckpoint:
         self.resume = resume
         self.final_models = dict(final_models) if final_models is not None else {}
         self.describe = describe
+        self.record = dict(record) if record is not None else {}
         for name in self.final_models:
             if name not in self.save_dict:
                 raise KeyError(f"final_models names '{name}', which is not in save_dict ({sorted(self.save_dict)}).")
@@ -167,8 +172,9 @@ class TrainingCheckpoint:
             return None
         path = self.save_dir / f"checkpoint_{engine.state.iteration}.pt"
         state = {k: _state_dict(v) for k, v in self.save_dict.items()}
-        if self.describe is not None:
-            state["pretraining"] = self.describe.describe(engine)
+        described = self._describe(engine)
+        if described is not None:
+            state["pretraining"] = described
         atomic_torch_save(state, path)
         old = sorted(
             (int(m.group(1)), p) for p in self.save_dir.iterdir() if (m := _CKPT_PATTERN.match(p.name))
@@ -185,11 +191,34 @@ class TrainingCheckpoint:
         for name, filename in self.final_models.items():
             obj = self.save_dict[name]
             state = _state_dict(obj)
-            if self.describe is not None:
-                state = {"state_dict": state, "pretraining": self.describe.describe(engine, obj)}
+            described = self._describe(engine, obj)
+            if described is not None:
+                state = {"state_dict": state, "pretraining": described}
                 if hasattr(obj, "to_guided_diffusion_config"):
                     state["network_config"] = obj.to_guided_diffusion_config()
             atomic_torch_save(state, self.save_dir / filename)
+
+    def _describe(self, engine: Engine, module: Any = None) -> dict[str, Any] | None:
+        if self.describe is None and not self.record:
+            return None
+        described = {} if self.describe is None else dict(
+            self.describe.describe(engine) if module is None else self.describe.describe(engine, module)
+        )
+        return {**described, **self.record}
+
+    def _check_objective(self, checkpoint: Mapping[str, Any], path: Path) -> None:
+        """Refuse to resume a checkpoint of another objective (no entry: an MDM checkpoint)."""
+        wanted = self.record.get("objective")
+        if not isinstance(wanted, Mapping):
+            return
+        recorded = checkpoint.get("pretraining") if isinstance(checkpoint.get("pretraining"), Mapping) else {}
+        found = recorded.get("objective") or {"name": "mdm"}
+        found_name = found.get("name") if isinstance(found, Mapping) else found
+        if found_name != wanted.get("name"):
+            raise ValueError(
+                f"--objective {wanted.get('name')}: the checkpoint '{path}' this run would resume was pretrained "
+                f"with objective {found_name!r}. Resume with --objective {found_name}, or start in a new --output_dir."
+            )
 
     def load_latest(self, engine: Engine) -> None:
         path = find_latest_checkpoint(self.save_dir)
@@ -203,6 +232,7 @@ class TrainingCheckpoint:
             return
         checkpoint = load_torch_file(path, "checkpoint", "Fix: delete it to resume from the previous one, or start "
                                      "in an empty output folder.", weights_only=False)
+        self._check_objective(checkpoint, path)
         # objects added to save_dict after the checkpoint was written may know how to carry on without it
         absent = [k for k in self.save_dict if k not in checkpoint]
         later = [k for k in absent if hasattr(self.save_dict[k], "resume_without_state")]

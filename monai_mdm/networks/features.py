@@ -12,6 +12,7 @@ With ``trainable=True`` gradients flow through both stages into the UNet, for en
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -23,6 +24,8 @@ from torch import nn
 from monai_mdm.networks.mdm_unet import MDMUNet
 from monai_mdm.transforms.corruption import Corruption, PatchMasking
 from monai_mdm.utils import guard_traced_size
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["MDMFeatureExtractor"]
 
@@ -51,8 +54,12 @@ class MDMFeatureExtractor(nn.Module):
         blocks: indices into ``network.output_blocks`` (the paper: 8..12 for histology, 5..12 for faces). The
             channels are concatenated in this order.
         timestep: t at which the image is corrupted and which the network is told (50 for MDM).
-        corruption: ``"default"`` = ``PatchMasking(8, network.num_timesteps)`` (5 % of 8 x 8 patches blanked at
-            t=50); any :class:`Corruption`; ``None`` = the clean image is used (t is still given to the network).
+        corruption: ``"default"`` = the way the pretraining objective recorded in ``network.pretraining`` (see
+            :func:`~monai_mdm.networks.load_pretrained`) reads features: for MDM (also when nothing is recorded)
+            ``PatchMasking(8, network.num_timesteps)`` (5 % of 8 x 8 patches blanked at t=50); for DDPM one
+            shared Gaussian noise sample at ``timestep``; for MAE, UMD and DiffMAE the clean image at the
+            objective's own timestep, which then replaces ``timestep`` (logged when they differ). Any
+            :class:`Corruption`; ``None`` = the clean image is used (t is still given to the network).
         seed: with an int, every image's corruption is drawn from a CPU ``torch.Generator`` seeded with it on
             each call, so predictions are reproducible and do not depend on the batch an image shares (each
             image of a given size gets the same mask). ``None`` = fresh randomness per call, as the reference
@@ -89,7 +96,7 @@ class MDMFeatureExtractor(nn.Module):
         if isinstance(corruption, str):
             if corruption != "default":
                 raise ValueError(f"corruption must be a Corruption, None or 'default', got {corruption!r}.")
-            corruption = PatchMasking(8, network.num_timesteps)
+            corruption, timestep = self._objective_reading(network, timestep, seed)
         limit = corruption.num_timesteps if corruption is not None else network.num_timesteps
         if not 0 <= int(timestep) < limit:
             raise ValueError(f"timestep must lie in [0, {limit}), got {timestep}.")
@@ -102,6 +109,24 @@ class MDMFeatureExtractor(nn.Module):
         self.trainable = bool(trainable)
         network.requires_grad_(self.trainable)
         network.eval()
+
+    @staticmethod
+    def _objective_reading(network: MDMUNet, timestep: int, seed: int | None) -> tuple[Corruption | None, int]:
+        """The corruption and t of the objective recorded on ``network`` (MDM without a record)."""
+        from monai_mdm.transforms.objectives import objective_from_record
+
+        record = getattr(network, "pretraining", None)
+        record = record.get("objective") if isinstance(record, dict) else None
+        source = f"the pretrained weights '{network.pretraining.get('source')}'" if record is not None else ""
+        reading = objective_from_record(record, network.num_timesteps, source).feature_reading(seed)
+        if reading.timestep is not None and reading.timestep != int(timestep):
+            name = record.get("name") if isinstance(record, dict) else "mdm"
+            logger.info(
+                f"features of the {name} objective are read from the clean image at t = {reading.timestep}, as it "
+                f"defines; --timestep {timestep} is not used."
+            )
+            timestep = reading.timestep
+        return reading.corruption, timestep
 
     # ------------------------------------------------------------------ properties
 

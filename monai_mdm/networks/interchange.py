@@ -573,11 +573,13 @@ def load_pretrained(
     ``weights``: ``"ema"`` or ``"raw"`` picks that set; ``"auto"`` takes the EMA only when its initialisation
     still weighs less than ``AUTO_EMA_MAX_INIT_WEIGHT`` (1 %) in the average, as recorded by pretraining;
     otherwise the raw weights (files without a record are used as before). The choice is logged once and kept
-    as the returned network's ``pretraining`` dict, which ``MDMSegmenter`` saves with the model.
+    as the returned network's ``pretraining`` dict, which ``MDMSegmenter`` saves with the model; it includes the
+    pretraining objective's record (``"objective"``) when the file has one, from which ``MDMFeatureExtractor``
+    reads features the way that objective defines (files without it were pretrained by MDM).
 
     Raises:
         ValueError: an unknown ``weights``; ``"random"`` with an explicit ``weights``; ``weights="ema"`` or
-            ``"raw"`` for a file that lacks that set.
+            ``"raw"`` for a file that lacks that set; a recorded objective whose features cannot be read.
     """
     if weights not in WEIGHT_CHOICES:
         raise ValueError(f"--weights must be one of {', '.join(WEIGHT_CHOICES)}, got {weights!r}.")
@@ -618,6 +620,12 @@ def load_pretrained(
         network = _unet_from_loaded(state, source, preset, overrides)
         chosen = "as given" if chosen == "given" else chosen
         info = {"source": str(source), "weights": chosen, "requested": weights, "reason": reason}
+        if record is not None and "objective" in record:
+            from monai_mdm.transforms.objectives import objective_from_record
+
+            # refused here, before anything is written, if features cannot be read the way it defines
+            objective_from_record(record["objective"], network.num_timesteps, f"--pretrained_weights '{path}'")
+            info["objective"] = record["objective"]
         if record is not None:
             info["iteration"] = record.get("iteration")
             ema = record.get("ema")

@@ -1,6 +1,7 @@
-"""MDM transforms: batched corruptions (training/feature extraction), MONAI array/dict transforms, label loaders."""
+"""MDM transforms: batched corruptions and pretraining objectives (training/feature extraction), MONAI array/dict
+transforms, label loaders."""
 
-from monai_mdm.transforms import array, corruption, dictionary
+from monai_mdm.transforms import array, corruption, dictionary, objectives
 from monai_mdm.transforms.array import EnsureRGB, RandPatchMask
 from monai_mdm.transforms.corruption import (
     Corruption,
@@ -10,6 +11,20 @@ from monai_mdm.transforms.corruption import (
     guided_diffusion_linear_betas,
     patch_grid_shape,
     patch_keep_mask,
+    random_patch_keep,
+)
+from monai_mdm.transforms.objectives import (
+    OBJECTIVES,
+    DDPMObjective,
+    DiffMAEObjective,
+    FeatureReading,
+    MAEObjective,
+    MDMObjective,
+    Objective,
+    ObjectiveBatch,
+    UMDObjective,
+    objective,
+    objective_from_record,
 )
 from monai_mdm.transforms.dictionary import (
     EnsureRGBD,
@@ -26,4 +41,4 @@ from monai_mdm.transforms.dictionary import (
     RandPatchMaskDict,
 )
 
-__all__ = [*array.__all__, *corruption.__all__, *dictionary.__all__]
+__all__ = [*array.__all__, *corruption.__all__, *objectives.__all__, *dictionary.__all__]

@@ -19,6 +19,7 @@ __all__ = [
     "PatchMasking",
     "patch_grid_shape",
     "patch_keep_mask",
+    "random_patch_keep",
     "GaussianNoise",
     "feature_corruption",
     "guided_diffusion_linear_betas",
@@ -74,9 +75,7 @@ def patch_keep_mask(
     CPU generator gives the same mask whatever ``device`` is.
     """
     spatial_shape = tuple(int(s) for s in spatial_shape)
-    grid = patch_grid_shape(spatial_shape, patch_size, pad)  # checks patch_size
-    sizes = _patch_sizes(patch_size, len(spatial_shape))
-    num_patches = math.prod(grid)
+    num_patches = math.prod(patch_grid_shape(spatial_shape, patch_size, pad))  # checks patch_size
 
     if device is None:
         device = timesteps.device if isinstance(timesteps, torch.Tensor) else torch.device("cpu")
@@ -90,9 +89,35 @@ def patch_keep_mask(
         raise ValueError(
             f"timesteps must lie in [0, {num_timesteps}), got min {int(t.min())} and max {int(t.max())}."
         )
-    batch = t.shape[0]
-
     n_keep = (num_patches * (num_timesteps - t)) // num_timesteps  # (B,)
+    return random_patch_keep(spatial_shape, n_keep, patch_size, pad, device, generator)
+
+
+def random_patch_keep(
+    spatial_shape: Sequence[int],
+    num_keep: torch.Tensor,
+    patch_size: int | Sequence[int] = 8,
+    pad: bool = False,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pixel-level keep mask ``(B, 1, *spatial)`` keeping exactly ``num_keep[b]`` random patches of sample b.
+
+    The one place patches are drawn: :func:`patch_keep_mask` (MDM, a count from t) and the fixed mask ratios of
+    the other objectives (:mod:`monai_mdm.transforms.objectives`) both call it. The patches with the smallest
+    random scores are kept; with a generator, scores are drawn on the generator's device and moved.
+    """
+    spatial_shape = tuple(int(s) for s in spatial_shape)
+    grid = patch_grid_shape(spatial_shape, patch_size, pad)  # checks patch_size
+    sizes = _patch_sizes(patch_size, len(spatial_shape))
+    num_patches = math.prod(grid)
+    if device is None:
+        device = num_keep.device if isinstance(num_keep, torch.Tensor) else torch.device("cpu")
+    n_keep = torch.as_tensor(num_keep, device=device).long()
+    if n_keep.ndim != 1:
+        raise ValueError(f"num_keep must have shape (B,), got {tuple(n_keep.shape)}.")
+    batch = n_keep.shape[0]
+
     if generator is None:
         scores = torch.rand(batch, num_patches, device=device)
     else:
@@ -268,6 +293,12 @@ class GaussianNoise(Corruption):
     def __call__(
         self, images: torch.Tensor, timesteps: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
+        return self.noised(images, timesteps, generator)[0]
+
+    def noised(
+        self, images: torch.Tensor, timesteps: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_t, eps)``: what :meth:`__call__` returns and the noise it added (for losses on the noise)."""
         if images.ndim < 3:
             raise ValueError(f"images must have shape (B, C, *spatial), got {tuple(images.shape)}.")
         t = torch.as_tensor(timesteps, device=images.device)
@@ -285,7 +316,7 @@ class GaussianNoise(Corruption):
         eps = self.noise_like(images, generator)
         # mix in float32: add_noise casts the scheduler's alphas_cumprod to the input dtype and keeps it
         noisy = self.scheduler.add_noise(images.float(), eps, t)
-        return noisy.to(images.dtype)
+        return noisy.to(images.dtype), eps
 
     def __repr__(self) -> str:
         return (
@@ -297,12 +328,16 @@ class GaussianNoise(Corruption):
 def feature_corruption(corruption: str, seed: int | None = 0) -> Corruption | str:
     """The corruption a few-shot bundle's ``corruption`` setting names for reading features.
 
-    ``"mask"``: the extractor's default, MDM's patch masking. ``"ddpm"``: Gaussian noise at the feature timestep
+    ``"objective"``: the extractor's default, the way the pretraining objective recorded in the weights reads
+    features (MDM's patch masking for files without a record). ``"ddpm"``: Gaussian noise at the feature timestep
     with one noise sample shared by every image (the DDPM-features baseline). Any other name is refused, so that a
-    typo cannot silently fall back to masking.
+    typo cannot silently fall back to the default.
     """
-    if corruption == "mask":
+    if corruption == "objective":
         return "default"
     if corruption == "ddpm":
         return GaussianNoise(shared_noise=True, noise_seed=seed)
-    raise ValueError(f"corruption '{corruption}' is not known; set --corruption to 'mask' (MDM) or 'ddpm'.")
+    raise ValueError(
+        f"corruption '{corruption}' is not known; set --corruption to 'objective' (features as the pretraining "
+        "objective defines them, MDM's masking by default) or 'ddpm' (Gaussian noise)."
+    )

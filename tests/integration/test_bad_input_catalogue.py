@@ -98,6 +98,14 @@ CASES = {
                                     "'{tmp}/page.pt' is a web page"),
     "faces weights missing": Case("mdm_face_parts_fewshot/train.json", ("--pretrained_weights", "{tmp}/none.pt"),
                                   "pretrained weights '{tmp}/none.pt' not found"),
+    # pretraining objectives: unknown names and ratios refused before training; checkpoints whose objective the
+    # few-shot bundle cannot read features for
+    "pretrain objective unknown": Case(PRETRAIN, ("--objective", "simmim"),
+                                       "--objective 'simmim' is not known; choose one of mdm, mae, umd, diffmae, ddpm"),
+    "pretrain mask ratio": Case(PRETRAIN, ("--objective", "mae", "--mask_ratio", "1.5"),
+                                "--mask_ratio must lie in (0, 1)"),
+    "weights unknown objective": Case(GLAS, ("--pretrained_weights", "{tmp}/simmim.pt"),
+                                      "was pretrained with objective 'simmim', which this version cannot read"),
     # pretraining data that cannot be used
     "pretrain only label folders": Case(PRETRAIN, ("--dataset_dir", "{tmp}/labels_only"), "holds only label images"),
     "pretrain truncated image": Case(PRETRAIN, ("--dataset_dir", "{tmp}/broken_images"), "cannot read image"),
@@ -141,6 +149,13 @@ def test_bad_input_is_refused_with_the_cause_last(name, tmp_path, glas_data, req
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "broken_images" / "a.png")
     png = (tmp_path / "broken_images" / "a.png").read_bytes()
     (tmp_path / "broken_images" / "b.png").write_bytes(png[: len(png) // 2])
+    for file, objective in (("simmim.pt", {"name": "simmim"}),):  # the unit tests cover the other records
+        if file in " ".join(case.args):
+            from monai_mdm.networks import MDMUNet
+
+            unet = MDMUNet.from_preset("tiny")
+            torch.save({"state_dict": unet.state_dict(), "network_config": unet.to_guided_diffusion_config(),
+                        "pretraining": {"iteration": 2, "weights": "ema", "objective": objective}}, tmp_path / file)
     out = tmp_path / "run"
     (out / "models").mkdir(parents=True)
     (out / "models" / "model.pt").write_bytes(b"an earlier run's model")

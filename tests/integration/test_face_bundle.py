@@ -32,7 +32,7 @@ def pretrained(face_data, tmp_path_factory):
     return out / "models" / "model_ema.pt"
 
 
-@pytest.mark.parametrize("corruption", ["mask", "ddpm"])
+@pytest.mark.parametrize("corruption", ["objective", "ddpm"])
 def test_face_ensemble_trains_votes_and_reports_miou(face_data, pretrained, tmp_path, corruption):
     from monai_mdm.inferers import MDMSegmenter, load_segmentation_model
     from monai_mdm.transforms import GaussianNoise, PatchMasking

@@ -68,12 +68,14 @@ def test_train_writes_models_checkpoints_and_grids(demo_data, tmp_path):
     # both files say what they hold: iteration, EMA settings, updates and the initialisation's weight left
     init_weight = (1 / 10) * (2 / 11) * (3 / 12) * (4 / 13)  # warm-up decays (1 + n) / (10 + n), n = 0..3
     ema_record = {"decay": 0.9999, "warmup": True, "updates": 4, "init_weight": pytest.approx(init_weight)}
-    assert raw_file["pretraining"] == {"iteration": 4, "weights": "raw", "ema": ema_record}
-    assert ema_file["pretraining"] == {"iteration": 4, "weights": "ema", "ema": ema_record}
+    # and the objective that trained them (the default, MDM), from which few-shot features are read
+    objective = {"name": "mdm", "num_timesteps": 1000, "loss": "ssim", "patch_size": 8}
+    assert raw_file["pretraining"] == {"iteration": 4, "weights": "raw", "ema": ema_record, "objective": objective}
+    assert ema_file["pretraining"] == {"iteration": 4, "weights": "ema", "ema": ema_record, "objective": objective}
     ckpt = torch.load(models / "checkpoint_4.pt", weights_only=False)
     assert ckpt["trainer"]["iteration"] == 4
     assert set(ckpt) >= {"network", "ema", "ema_state", "optimizer", "trainer", "pretraining"}
-    assert ckpt["pretraining"] == {"iteration": 4, "ema": ema_record}
+    assert ckpt["pretraining"] == {"iteration": 4, "ema": ema_record, "objective": objective}
     assert all(torch.equal(ckpt["ema"][k], ema[k]) for k in ema)  # saved after the iteration's EMA update
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)
     grids = sorted((out / "grids").glob("recon_*.png"))
