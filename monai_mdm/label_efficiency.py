@@ -8,8 +8,8 @@
 
 For every label budget (number of labelled training images), seed and method it runs the few-shot bundle
 exactly as a user would (``monai.bundle.run`` on ``configs/train.json`` plus the method's overlay, then
-``configs/train.json`` + ``configs/evaluate.json`` on the full-size test images) and collects the per-image metrics. The seed draws the
-labelled images and the training randomness; every method gets the same labelled images for one seed.
+``configs/evaluate.json`` over ``train.json`` on the full-size test images) and collects the per-image metrics.
+The seed draws the labelled images and the training randomness; every method gets the same labelled images for one seed.
 
 Methods:
   unet            MONAI BasicUNet trained from scratch on the labelled images (``train_unet.json``)
@@ -17,6 +17,10 @@ Methods:
   mdm_finetune    pretrained MDM UNet + head trained end to end (``finetune.json``)
   random_frozen   the pixel head on features of the same network with random weights (the control)
   ddpm_features   the pixel head on the same pretrained network, fed Gaussian-noised instead of masked images
+
+``--objectives mdm mae umd diffmae ddpm`` pretrains the same tiny network on the same images for the same
+iterations once per objective and runs the frozen and fine-tuned methods on each (rows ``mdm_frozen[mae]`` ...);
+the few-shot bundle reads each checkpoint's objective and extracts features the way it defines.
 
 Without ``--data`` the embedded synthetic set is written to ``<out>/data``; without ``--pretrained`` the tiny MDM
 is pretrained on all of that folder's images, labels unused (``bundles/mdm_pretrain``), as the paper pretrains on
@@ -41,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from monai_mdm.command_line import UnknownSettingError, check_overrides
+from monai_mdm.transforms.objectives import OBJECTIVES
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
@@ -51,15 +56,27 @@ class BenchmarkMethod:
     label: str
     overlays: tuple[str, ...] = ()  # config files merged over configs/train.json
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    per_objective: bool = False  # run once per pretraining objective of --objectives
 
 
 METHODS = {
     "unet": BenchmarkMethod("BasicUNet from scratch", ("train_unet.json",)),
-    "mdm_frozen": BenchmarkMethod("MDM frozen features + head"),
-    "mdm_finetune": BenchmarkMethod("MDM fine-tuned end to end", ("finetune.json",)),
+    "mdm_frozen": BenchmarkMethod("MDM frozen features + head", per_objective=True),
+    "mdm_finetune": BenchmarkMethod("MDM fine-tuned end to end", ("finetune.json",), per_objective=True),
     "random_frozen": BenchmarkMethod("random-init features + head", (), {"pretrained_weights": "random"}),
     "ddpm_features": BenchmarkMethod("DDPM-noise features + head", (), {"corruption": "ddpm"}),
 }
+
+
+def run_id(method: str, objective: str = "mdm") -> str:
+    """The name of a method's rows: ``mdm_frozen`` for MDM pretraining, ``mdm_frozen[mae]`` for another objective."""
+    return method if objective == "mdm" or not METHODS[method].per_objective else f"{method}[{objective}]"
+
+
+def method_label(name: str) -> str:
+    method, _, objective = name.partition("[")
+    label = METHODS[method].label
+    return f"{label.replace('MDM ', '')}, {objective.rstrip(']').upper()} pretraining" if objective else label
 
 
 @dataclass(frozen=True)
@@ -122,10 +139,12 @@ def _run_bundle(**kwargs: Any) -> None:
     run(**kwargs)
 
 
-def pretrain(data: Path, out: Path, iterations: int, size: int, seed: int) -> Path:
-    """Pretrain the tiny MDM on every image under ``data``; an earlier run in ``out`` is resumed, not repeated."""
+def pretrain(data: Path, out: Path, iterations: int, size: int, seed: int, objective: str = "mdm") -> Path:
+    """Pretrain the tiny network with ``objective`` on every image under ``data``; an earlier run in ``out`` is
+    resumed, not repeated. Every objective gets the same images, iterations, crops and network."""
     _run_bundle(
         config_file=str(BUNDLES / "mdm_pretrain" / "configs" / "train.json"),
+        objective=objective,
         dataset_dir=str(data),
         output_dir=str(out),
         max_iterations=iterations,
@@ -143,7 +162,9 @@ def run_one(
     dataset: str, method: str, budget: int, seed: int, data: Path, pretrained: Path, run_dir: Path,
     settings: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """Train and evaluate one method on one budget and seed; returns the mean test metrics and timings."""
+    """Train and evaluate one method on one budget and seed; returns the mean test metrics and timings.
+
+    The features follow the objective recorded in ``pretrained`` (the bundle reads it back)."""
     ds, m = DATASETS[dataset], METHODS[method]
     configs = BUNDLES / ds.bundle / "configs"
     overrides = {"pretrained_weights": str(pretrained), **settings, **m.overrides}
@@ -162,8 +183,8 @@ def run_one(
     )
     train_s = time.time() - start
     start = time.time()
-    _run_bundle(config_file=[str(configs / "train.json"), str(configs / "evaluate.json")], dataset_dir=str(data), output_dir=str(run_dir),
-                run_name=method)
+    evaluate = [str(configs / "train.json"), str(configs / "evaluate.json")]
+    _run_bundle(config_file=evaluate, dataset_dir=str(data), output_dir=str(run_dir), run_name=method)
     eval_s = time.time() - start
     rows = json.loads(metrics_file.read_text())["rows"]
     result: dict[str, Any] = {}
@@ -197,14 +218,15 @@ def format_table(summary: Sequence[Mapping[str, Any]], metrics: Sequence[str], b
     lines = []
     for key in metrics:
         lines.append(f"{key} (mean +- std over seeds) by number of labelled images")
-        lines.append(f"{'method':<16}" + "".join(f"{b:>17}" for b in budgets))
+        width = max([16, *(len(s["method"]) + 2 for s in summary)])
+        lines.append(f"{'method':<{width}}" + "".join(f"{b:>17}" for b in budgets))
         by = {(s["method"], s["budget"]): s for s in summary}
         for method in dict.fromkeys(s["method"] for s in summary):
             cells = []
             for b in budgets:
                 s = by.get((method, b))
                 cells.append(f"{s[key + '_mean']:>8.4f} +- {s[key + '_std']:<5.3f}" if s else f"{'-':>17}")
-            lines.append(f"{method:<16}" + "".join(cells))
+            lines.append(f"{method:<{width}}" + "".join(cells))
         lines.append("")
     return "\n".join(lines)
 
@@ -233,7 +255,7 @@ def plot(path: Path, summary: Sequence[Mapping[str, Any]], metrics: Sequence[str
         for method in dict.fromkeys(s["method"] for s in summary):
             points = sorted((s["budget"], s[f"{key}_mean"], s[f"{key}_std"]) for s in summary if s["method"] == method)
             xs, ys, es = zip(*points)
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=METHODS[method].label)
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method_label(method))
         ax.set_xscale("log", base=2)
         budgets = sorted({s["budget"] for s in summary})
         ax.set_xticks(budgets, [str(b) for b in budgets])
@@ -258,6 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="labelled images (default 1 4: fits 30 CPU minutes; 1 2 4 8 draws the whole curve)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--objectives", nargs="+", default=["mdm"], choices=list(OBJECTIVES),
+                        help="pretraining objectives compared at the same budget (iterations, images, network); "
+                        "the frozen and fine-tuned methods run once per objective")
     parser.add_argument("--pretrain-iterations", type=int, default=300)
     parser.add_argument("--pretrain-size", type=int, default=48, help="pretraining crop size")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the embedded data and pretraining")
@@ -268,6 +293,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(args.settings)
     if args.pretrained is not None and not args.pretrained.is_file():
         raise SystemExit(f"error: --pretrained '{args.pretrained}' is not a file.")
+    objectives = list(dict.fromkeys(args.objectives))
+    if args.pretrained is not None and len(objectives) > 1:
+        raise SystemExit("error: --pretrained gives the weights of one objective; leave it out to pretrain each of "
+                         f"--objectives {' '.join(objectives)} here.")
     if args.data is not None and not args.data.is_dir():
         raise SystemExit(f"error: --data '{args.data}' is not a folder.")
 
@@ -282,31 +311,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out
     data = args.data or write_embedded_data(args.dataset, out / "data", args.data_seed)
     check_budgets(args.budgets, count_training_images(args.dataset, data), data)
-    pretrained = args.pretrained
-    if pretrained is None:
-        print(f"pretraining the tiny MDM on '{data}' ({args.pretrain_iterations} iterations)", flush=True)
+    pretrained: dict[str, Path] = {}
+    for objective in objectives:
+        if args.pretrained is not None:
+            pretrained[objective] = args.pretrained
+            continue
+        print(f"pretraining the tiny network ({objective}) on '{data}' ({args.pretrain_iterations} iterations)",
+              flush=True)  # fmt: skip
         t0 = time.time()
-        pretrained = pretrain(data, out / "pretrain", args.pretrain_iterations, args.pretrain_size, args.data_seed)
-        print(f"pretrained: {pretrained} ({time.time() - t0:.0f} s)", flush=True)
+        folder = out / ("pretrain" if objective == "mdm" else f"pretrain_{objective}")
+        pretrained[objective] = pretrain(data, folder, args.pretrain_iterations, args.pretrain_size, args.data_seed,
+                                         objective)  # fmt: skip
+        print(f"pretrained: {pretrained[objective]} ({time.time() - t0:.0f} s)", flush=True)
+    # methods that do not depend on the objective use the first one's weights (their own, or none at all)
+    plan = [(m, o) for m in args.methods for o in (objectives if METHODS[m].per_objective else objectives[:1])]
 
     metrics = DATASETS[args.dataset].metrics
     rows = []
     for budget in args.budgets:
         for seed in args.seeds:
-            for method in args.methods:
-                run_dir = out / "runs" / f"{method}_b{budget}_s{seed}"
-                result = run_one(args.dataset, method, budget, seed, data, pretrained, run_dir, settings)
-                row = {"dataset": args.dataset, "method": method, "budget": budget, "seed": seed, **result}
+            for method, objective in plan:
+                name = run_id(method, objective)
+                run_dir = out / "runs" / f"{name.replace('[', '_').rstrip(']')}_b{budget}_s{seed}"
+                result = run_one(args.dataset, method, budget, seed, data, pretrained[objective], run_dir, settings)
+                row = {"dataset": args.dataset, "method": name, "objective": objective if METHODS[method].per_objective
+                       else "-", "budget": budget, "seed": seed, **result}  # fmt: skip
                 rows.append(row)
                 cells = "  ".join(f"{k} {result[k]:.4f}" for k in metrics)
-                print(f"{method:<14} budget {budget} seed {seed}: {cells}  ({result['train_s']:.0f} s train)",
+                print(f"{name:<20} budget {budget} seed {seed}: {cells}  ({result['train_s']:.0f} s train)",
                       flush=True)
                 write_csv(out / "runs.csv", rows)
 
     summary = summarise(rows, metrics)
     write_csv(out / "summary.csv", summary)
+    weights = ", ".join(f"{o}: {p}" for o, p in pretrained.items())
     title = (f"{args.dataset} ({'embedded data' if args.data is None else data}), "
-             f"{len(args.seeds)} seeds; pretrained: {pretrained}")
+             f"{len(args.seeds)} seeds; pretrained: {weights}")
     plot(out / "label_efficiency.png", summary, metrics, title)
     table = format_table(summary, metrics, args.budgets)
     (out / "summary.txt").write_text(table)

@@ -6,17 +6,17 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from monai_mdm.engines import CorruptionPrepareBatch
+from monai_mdm.engines import ObjectivePrepareBatch
 from monai_mdm.handlers import EMA, StopAtIteration
 from monai_mdm.losses import reconstruction_loss
-from monai_mdm.transforms import PatchMasking
+from monai_mdm.transforms import PatchMasking, objective
 
 
 @pytest.mark.parametrize("as_dict", [True, False])
 def test_prepare_batch_masks_on_device_and_returns_timesteps(as_dict):
     torch.manual_seed(0)
     clean = torch.rand(6, 3, 32, 32) + 1.0  # strictly positive so masked pixels (0) are visible
-    prepare = CorruptionPrepareBatch(PatchMasking(patch_size=8, num_timesteps=1000))
+    prepare = ObjectivePrepareBatch(objective("mdm", patch_size=8, num_timesteps=1000))
     masked, target, args, kwargs = prepare({"image": clean} if as_dict else clean, torch.device("cpu"))
     assert torch.equal(target, clean) and args == ()
     t = kwargs["timesteps"]
@@ -27,14 +27,9 @@ def test_prepare_batch_masks_on_device_and_returns_timesteps(as_dict):
     assert torch.equal(kept_pixels, expected)
 
 
-def test_prepare_batch_timestep_range_and_errors():
-    prepare = CorruptionPrepareBatch(PatchMasking(8, 1000), min_timestep=10, max_timestep=12)
-    _, _, _, kwargs = prepare(torch.zeros(50, 1, 16, 16))
-    assert set(kwargs["timesteps"].tolist()) <= {10, 11}
-    with pytest.raises(ValueError, match="timestep range"):
-        CorruptionPrepareBatch(PatchMasking(8, 1000), min_timestep=5, max_timestep=2000)
+def test_prepare_batch_names_a_missing_image_key():
     with pytest.raises(KeyError, match="img"):
-        CorruptionPrepareBatch(PatchMasking(8, 1000), image_key="img")({"image": torch.zeros(1, 1, 8, 8)})
+        ObjectivePrepareBatch(objective("mdm"), image_key="img")({"image": torch.zeros(1, 1, 8, 8)})
 
 
 @pytest.mark.parametrize("name, expected", [("ssim", "SSIMLoss"), ("MSE", "MSELoss"), ("l1", "L1Loss")])

@@ -32,7 +32,7 @@ class Case:
 PRETRAIN = "mdm_pretrain/train.json"
 GLAS = "mdm_glas_fewshot/train.json"
 CASES = {
-    "pretrain typo": Case(PRETRAIN, ("--max_iteration", "3"), "Did you mean --max_iterations? (To add", 2),
+    "pretrain typo": Case(PRETRAIN, ("--max_iteration", "3"), "Did you mean --max_iterations or --mask_ratio? (To add", 2),
     "pretrain text boolean": Case(PRETRAIN, ("--resume", "false"), "Write --resume False", 2),
     "pretrain zero iterations": Case(PRETRAIN, ("--max_iterations", "0"), "--max_iterations must be an integer >= 1"),
     "pretrain crop size": Case(PRETRAIN, ("--image_size", "50"), "--image_size 50 is not a multiple of"),

@@ -123,3 +123,17 @@ def test_a_copied_bundle_trains_evaluates_and_infers_from_its_own_folder(demo_da
     verify = bundle_run("verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", str(SCHEMA),
                         cwd=bundle)  # fmt: skip
     assert verify.returncode == 0, verify.stderr[-3000:]
+
+
+@pytest.mark.parametrize("bundle", ["mdm_glas_fewshot", "mdm_monuseg_fewshot", "mdm_face_parts_fewshot",
+                                    "mdm_volume_fewshot"])  # fmt: skip
+def test_monai_tracking_finds_every_engine_and_its_handlers(bundle):
+    """``--tracking mlflow`` attaches its handler through fixed config ids; a renamed engine would lose it."""
+    from monai.bundle import ConfigParser
+    from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
+
+    configs = BUNDLES / bundle / "configs"
+    ids = DEFAULT_MLFLOW_SETTINGS["handlers_id"]
+    for files, kind in ((["train.json"], "trainer"), (["train.json", "evaluate.json"], "evaluator")):
+        parser = ConfigParser(ConfigParser.load_config_files([str(configs / f) for f in files]))
+        assert ids[kind]["id"] in parser and isinstance(parser[ids[kind]["handlers"]], list), (files, kind)

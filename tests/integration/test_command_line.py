@@ -46,7 +46,7 @@ def test_check_overrides_names_the_closest_setting_and_the_fix():
     with pytest.raises(UnknownSettingError) as err:
         check_overrides([str(PRETRAIN)], {"max_iteration": 3})
     assert "--max_iteration is not a setting" in str(err.value)
-    assert "Did you mean --max_iterations?" in str(err.value)
+    assert "Did you mean --max_iterations" in str(err.value)
     with pytest.raises(UnknownSettingError, match="--resume False"):
         check_overrides([str(PRETRAIN)], {"resume": "false"})
     with pytest.raises(UnknownSettingError, match="train#handlers#40"):

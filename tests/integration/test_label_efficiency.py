@@ -118,3 +118,36 @@ def test_script_is_the_module_command():
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "label_efficiency.py"), "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--budgets" in out and "mdm_finetune" in out
+
+
+def test_objectives_are_pretrained_alike_and_compared_under_the_same_head(bench, tiny_glas, tmp_path):
+    import torch
+
+    argv = ["--data", str(tiny_glas), "--out", str(tmp_path), "--budgets", "1", "--seeds", "0", "--methods",
+            "mdm_frozen", "unet", "--objectives", "mdm", "mae", "--pretrain-iterations", "2", "--pretrain-size", "32",
+            *TINY]  # fmt: skip
+    assert bench.main(argv) == 0
+    rows = list(csv.DictReader((tmp_path / "runs.csv").open()))
+    assert [(r["method"], r["objective"]) for r in rows] == [
+        ("mdm_frozen", "mdm"), ("mdm_frozen[mae]", "mae"), ("unet", "-")]  # the UNet does not depend on it
+    from monai_mdm.inferers import load_segmentation_model
+
+    # each objective pretrained alike, its checkpoint records which one it was
+    for objective, folder in (("mdm", "pretrain"), ("mae", "pretrain_mae")):
+        record = torch.load(tmp_path / folder / "models" / "model_ema.pt", weights_only=True)["pretraining"]
+        assert record["objective"]["name"] == objective and record["iteration"] == 2
+    # the few-shot runs read each checkpoint's features its way: MDM masks at t = 50, MAE takes the clean image
+    mdm = load_segmentation_model(tmp_path / "runs" / "mdm_frozen_b1_s0" / "models" / "model.pt").extractor
+    mae = load_segmentation_model(tmp_path / "runs" / "mdm_frozen_mae_b1_s0" / "models" / "model.pt").extractor
+    assert (type(mdm.corruption).__name__, mdm.timestep) == ("PatchMasking", 50)
+    assert (mae.corruption, mae.timestep) == (None, 0)
+    assert "mdm_frozen[mae]" in (tmp_path / "summary.txt").read_text()
+
+
+def test_pretrained_weights_with_several_objectives_are_refused(bench, tiny_glas, tmp_path):
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"x")
+    with pytest.raises(SystemExit, match="--pretrained gives the weights of one objective"):
+        bench.main(["--data", str(tiny_glas), "--out", str(tmp_path), "--pretrained", str(weights),
+                    "--objectives", "mdm", "umd"])  # fmt: skip
+    assert not (tmp_path / "runs").exists()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from monai_mdm.engines import CorruptionPrepareBatch, ObjectivePrepareBatch
+from monai_mdm.engines import ObjectivePrepareBatch
 from monai_mdm.losses import reconstruction_loss
 from monai_mdm.transforms import GaussianNoise, PatchMasking, objective, objective_from_record
 from monai_mdm.transforms.objectives import OBJECTIVES
@@ -74,16 +74,18 @@ def test_bad_settings_are_refused_naming_the_setting(call, match):
 # ----------------------------------------------------------------------------------------------- MDM / DDPM
 
 
-def test_mdm_is_bit_identical_to_the_corruption_prepare_batch():
+def test_mdm_is_bit_identical_to_masking_with_uniform_t_and_ssim():
+    """The step MDM pretraining always took: t ~ U[0, T) per sample, PatchMasking(8, T), SSIM on the image."""
     clean = _images()
     torch.manual_seed(3)
-    old_in, old_target, _, old_kw = CorruptionPrepareBatch(PatchMasking(8, T))(clean)
+    old_t = torch.randint(0, T, (clean.shape[0],), dtype=torch.long)
+    old_in = PatchMasking(8, T)(clean, old_t)
     torch.manual_seed(3)
     new = ObjectivePrepareBatch(objective("mdm", num_timesteps=T))
     new_in, new_target, _, new_kw = new(clean)
-    assert torch.equal(old_in, new_in) and torch.equal(old_kw["timesteps"], new_kw["timesteps"])
+    assert torch.equal(old_in, new_in) and torch.equal(old_t, new_kw["timesteps"])
     pred = torch.tanh(clean + 0.3)
-    assert torch.equal(new.loss_function(pred, new_target), reconstruction_loss("ssim")(pred, old_target))
+    assert torch.equal(new.loss_function(pred, new_target), reconstruction_loss("ssim")(pred, clean))
 
 
 def test_mdm_keeps_floor_L_times_1_minus_t_over_T_patches_with_blanked_pixels_zero():
