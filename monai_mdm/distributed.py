@@ -3,7 +3,8 @@
 The bundles' ``multi_gpu_train.json`` files call these, so the rules live in one place: every process reads
 its rank from the environment ``torchrun`` sets, trains on ``cuda:<LOCAL_RANK>`` (or the CPU when there is no
 GPU), and takes ``global batch / world size`` samples per step, so that a run on N processes optimises with
-the same batch as a run on one.
+the same batch as a run on one. Rank, world size and reductions are ignite's (``ignite.distributed``), which
+also answers rank 0 of 1 when no process group exists.
 """
 
 from __future__ import annotations
@@ -12,45 +13,15 @@ import logging
 import os
 from typing import Any
 
+import ignite.distributed as idist
 import torch
 import torch.distributed as dist
 
-__all__ = [
-    "all_gather_objects",
-    "get_rank",
-    "get_world_size",
-    "init_distributed",
-    "is_distributed",
-    "is_rank0",
-    "local_device",
-    "per_rank_batch_size",
-    "rank_sampler",
-    "sum_over_ranks",
-]
+__all__ = ["all_gather_objects", "init_distributed", "local_device", "per_rank_batch_size", "rank_sampler"]
 
 logger = logging.getLogger(__name__)
 
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-def is_distributed() -> bool:
-    """True once this process has joined a process group."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def get_rank() -> int:
-    """This process's global rank (0 when not distributed)."""
-    return dist.get_rank() if is_distributed() else 0
-
-
-def get_world_size() -> int:
-    """How many processes train together (1 when not distributed)."""
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def is_rank0() -> bool:
-    """Whether this process writes files and tracks the run (the only one that does)."""
-    return get_rank() == 0
 
 
 def local_device() -> torch.device:
@@ -66,7 +37,7 @@ def init_distributed(backend: str) -> None:
     Args:
         backend: ``"nccl"`` for GPUs, ``"gloo"`` for CPUs (or GPUs without NCCL).
     """
-    if is_distributed():
+    if dist.is_available() and dist.is_initialized():
         return
     missing = [k for k in _TORCHRUN_ENV if k not in os.environ]
     if missing:
@@ -81,7 +52,7 @@ def init_distributed(backend: str) -> None:
         torch.cuda.set_device(local_device())
     dist.init_process_group(backend=backend)
     logger.info(
-        f"rank {get_rank()} of {get_world_size()} (local rank {os.environ['LOCAL_RANK']}) "
+        f"rank {idist.get_rank()} of {idist.get_world_size()} (local rank {os.environ['LOCAL_RANK']}) "
         f"on {local_device()}, backend {backend}."
     )
 
@@ -105,7 +76,7 @@ def per_rank_batch_size(batch_size: int, world_size: int | None = None) -> int:
 
     Refuses a global batch that does not split evenly: silently rounding would change the optimisation.
     """
-    world_size = get_world_size() if world_size is None else int(world_size)
+    world_size = idist.get_world_size() if world_size is None else int(world_size)
     if batch_size < world_size or batch_size % world_size:
         raise ValueError(
             f"batch_size {batch_size} is the global batch and must be a multiple of the {world_size} processes "
@@ -114,24 +85,15 @@ def per_rank_batch_size(batch_size: int, world_size: int | None = None) -> int:
     return batch_size // world_size
 
 
-def sum_over_ranks(values: list[float]) -> list[float]:
-    """Element-wise sum of ``values`` over all processes (unchanged when not distributed).
-
-    For decisions every rank must take alike, e.g. early stopping on the loss of the whole epoch: a rank
-    that stopped alone would leave the others waiting for its gradients forever.
-    """
-    if not is_distributed():
-        return list(values)
-    device = local_device() if dist.get_backend() == "nccl" else torch.device("cpu")
-    total = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return total.tolist()
-
-
 def all_gather_objects(value: object) -> list:
-    """Every rank's ``value`` (picklable), in rank order; ``[value]`` when not distributed."""
-    if not is_distributed():
+    """Every rank's ``value`` (picklable), in rank order; ``[value]`` when not distributed.
+
+    Kept beside ``ignite.distributed.all_gather`` because that one picks its collective from the value's type
+    (tensor, number, str or object): ranks holding ``None`` and a message would call different collectives and
+    hang. This one always gathers objects.
+    """
+    if idist.get_world_size() == 1:
         return [value]
-    gathered: list = [None] * get_world_size()
+    gathered: list = [None] * idist.get_world_size()
     dist.all_gather_object(gathered, value)
     return gathered

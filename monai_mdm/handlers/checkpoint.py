@@ -11,10 +11,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import ignite.distributed as idist
 from ignite.engine import Engine, Events
 from monai.transforms import Randomizable, Transform
 
-from monai_mdm.distributed import all_gather_objects, is_rank0
+from monai_mdm.distributed import all_gather_objects
 from monai_mdm.utils import atomic_torch_save, load_torch_file, prepare_output_folder
 
 logger = logging.getLogger(__name__)
@@ -164,11 +165,11 @@ class TrainingCheckpoint:
         engine.add_event_handler(Events.COMPLETED, self.save_final)
 
     def prepare(self, engine: Engine) -> None:
-        if is_rank0():
+        if idist.get_rank() == 0:
             prepare_output_folder(self.save_dir)
 
     def save(self, engine: Engine) -> Path | None:
-        if not is_rank0():
+        if idist.get_rank() != 0:
             return None
         path = self.save_dir / f"checkpoint_{engine.state.iteration}.pt"
         state = {k: _state_dict(v) for k, v in self.save_dict.items()}
@@ -184,7 +185,7 @@ class TrainingCheckpoint:
         return path
 
     def save_final(self, engine: Engine) -> None:
-        if not is_rank0():
+        if idist.get_rank() != 0:
             return
         if self.save_interval > 0 and engine.state.iteration % self.save_interval != 0:
             self.save(engine)

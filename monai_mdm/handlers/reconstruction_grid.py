@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import ignite.distributed as idist
 from ignite.engine import Engine, Events
 from monai.utils import CommonKeys
 from PIL import Image
 
-from monai_mdm.distributed import is_rank0
 from monai_mdm.handlers.tracking import log_artifact
 from monai_mdm.utils import atomic_write
 
@@ -76,7 +76,7 @@ class ReconstructionGridSaver:
         self.artifact_path = artifact_path
 
     def attach(self, engine: Engine) -> None:
-        if self.interval > 0 and is_rank0():
+        if self.interval > 0 and idist.get_rank() == 0:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
 
     def __call__(self, engine: Engine) -> Path:

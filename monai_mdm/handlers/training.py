@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import ignite.distributed as idist
 from ignite.engine import Engine, Events
 from ignite.handlers import EarlyStopping
 
-from monai_mdm.distributed import all_gather_objects, get_rank, get_world_size, is_rank0, sum_over_ranks
+from monai_mdm.distributed import all_gather_objects
 from monai_mdm.utils import prepare_output_folder
 
 logger = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ class HeldOutEarlyStopping:
         from torch.utils.data import DataLoader, Subset
 
         network, device = engine.network, getattr(engine.state, "device", None)
-        rank, world = get_rank(), get_world_size()
+        rank, world = idist.get_rank(), idist.get_world_size()
         mine = Subset(self.data, list(range(rank, len(self.data), world)))
         ce, pixels, inter, total = 0.0, 0.0, None, None
         was_training = network.training
@@ -197,7 +198,7 @@ class HeldOutEarlyStopping:
         return {"loss": ce / pixels, "dice": sum(fg) / len(fg) if fg else 1.0, "pixels": pixels}
 
     def _close_epoch(self, engine: Engine) -> None:
-        total, count = sum_over_ranks([self._sum, self._count])
+        total, count = idist.all_reduce(torch.tensor([self._sum, self._count], dtype=torch.float64)).tolist()
         engine.state.metrics["epoch_loss"] = total / max(1, count)
         self._check(engine)
 
@@ -264,7 +265,7 @@ class SaveModel:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def prepare(self, engine: Engine) -> None:
-        if is_rank0():
+        if idist.get_rank() == 0:
             prepare_output_folder(self.path.parent, "output_dir")
 
     def __call__(self, engine: Engine) -> None:
@@ -274,7 +275,7 @@ class SaveModel:
         from monai_mdm.utils import atomic_write
 
         self.model.eval()
-        if not is_rank0():
+        if idist.get_rank() != 0:
             return
         save_segmentation_model(self.model, self.path, self.config)
         for name, content in self.extra_json.items():

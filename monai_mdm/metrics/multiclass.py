@@ -22,6 +22,11 @@ __all__ = ["MultiClassIoU", "per_class_iou", "mean_iou"]
 class MultiClassIoU:
     """Running per-class intersection and union (from a confusion matrix) over any number of images.
 
+    Written here rather than taken from ignite's ``ConfusionMatrix`` / ``IoU``: those take score maps (B, C, ...)
+    where the reports hold label maps of differing sizes, and ignite's IoU gives 0 to a class absent from both
+    prediction and label, which would pull the face sets' mean down for parts no test image shows (here: NaN,
+    left out of the mean, as the published mIoU is computed).
+
     Args:
         num_classes: K; predictions must lie in 0..K-1, labels in 0..K-1 or ``ignore_index``.
         ignore_index: label value excluded from scoring (255 in the face sets); None = no ignore value.
