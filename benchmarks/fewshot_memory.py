@@ -33,11 +33,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,10 +47,9 @@ try:  # run from a checkout without installing the package
     import monai_mdm  # noqa: F401
 except ImportError:  # pragma: no cover - depends on how the script is launched
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # host_memory beside this script
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this script
 
-import monai  # noqa: E402
-from host_memory import HostPeak  # noqa: E402
+from common import HostPeak, describe_machine, resolve_device, timed  # noqa: E402
 
 from monai_mdm.data.feature_cache import FeatureCache  # noqa: E402
 from monai_mdm.data.synthetic import synthesize_tile  # noqa: E402
@@ -105,11 +101,6 @@ GPU_FIGURES = ("gpu_peak_cache_build", "gpu_peak_cached_training", "gpu_peak_rec
 # ----------------------------------------------------------------------------- memory and timing helpers
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _gpu_reset(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -118,15 +109,6 @@ def _gpu_reset(device: torch.device) -> None:
 
 def _gpu_peak_mib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / MIB if device.type == "cuda" else 0.0
-
-
-def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    """Wall seconds of one call of ``fn`` (the device synchronised before and after) and its result."""
-    _sync(device)
-    start = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return time.perf_counter() - start, out
 
 
 # ----------------------------------------------------------------------------- synthetic labelled images
@@ -228,26 +210,6 @@ def train_steps(
 # ----------------------------------------------------------------------------- output
 
 
-def describe_machine(device: torch.device) -> list[str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    lines = [
-        f"machine  : {platform.node()}, {cpu}, {os.cpu_count()} logical CPUs ({usable} usable), "
-        f"torch threads {torch.get_num_threads()}, load average {load}",
-        f"software : torch {torch.__version__}, MONAI {monai.__version__}, Python {platform.python_version()}",
-    ]
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        lines.append(f"gpu      : {props.name}, {props.total_memory / GIB:.1f} GiB, CUDA {torch.version.cuda}")
-    return lines
-
-
 def _fmt(value: float | int) -> str:
     if isinstance(value, int):
         return str(value)
@@ -330,12 +292,6 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error(f"--image-size {args.image_size} must be at least --crop-size {args.crop_size} in both dims.")
     if args.num_classes > IGNORE_INDEX:
         parser.error(f"--num-classes must be below the ignore index {IGNORE_INDEX}.")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available.")
-    return torch.device(name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

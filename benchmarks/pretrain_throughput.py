@@ -22,11 +22,8 @@ import argparse
 import contextlib
 import gc
 import json
-import os
-import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,10 +35,9 @@ try:  # run from a checkout without installing the package
     import monai_mdm  # noqa: F401
 except ImportError:  # pragma: no cover - depends on how the script is launched
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # host_memory beside this script
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this script
 
-import monai  # noqa: E402
-from host_memory import HostPeak, current_rss_mib  # noqa: E402
+from common import HostPeak, current_rss_mib, describe_machine, resolve_device, time_calls  # noqa: E402
 
 from monai_mdm.losses.reconstruction import reconstruction_loss  # noqa: E402
 from monai_mdm.networks.mdm_unet import MDMUNet  # noqa: E402
@@ -64,28 +60,6 @@ MASK_COLUMNS = ("method", "batch", "size", "ms/batch", "min_ms", "slowdown")
 # ----------------------------------------------------------------------------- helpers
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_calls(fn: Callable[[], Any], reps: int, warmup: int, device: torch.device) -> list[float]:
-    """Wall time of each of ``reps`` calls of ``fn`` (seconds) after ``warmup`` untimed calls.
-
-    On CUDA the device is synchronised before and after every timed call, so queued kernels are counted.
-    """
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def _free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -96,7 +70,7 @@ class PeakMemory:
     """Peak memory of one benchmark row.
 
     CUDA: ``torch.cuda.max_memory_allocated`` (tensors held by PyTorch's allocator; reset per row).
-    CPU: the peak resident set size of the whole process (:class:`host_memory.HostPeak`, reset per row where
+    CPU: the peak resident set size of the whole process (:class:`common.HostPeak`, reset per row where
     Linux allows it), which includes the interpreter, torch's libraries and memory the allocator kept from
     earlier rows.
     """
@@ -272,7 +246,7 @@ def run_step_benchmark(
         def timed() -> None:
             last[:] = [step()]
 
-        result.times_s = time_calls(timed, steps, warmup, device)
+        result.times_s = time_calls(timed, steps, warmup)
         result.peak_mib = memory.read_mib()
         result.loss = float(last[0]) if last else None
         del step
@@ -366,51 +340,13 @@ def run_mask_benchmark(
     results = [MaskResult(name, batch, size, []) for name in methods]
     for rep in range(warmup + reps):
         for res, fn in zip(results, methods.values()):
-            seconds = time_calls(fn, 1, 0, device)[0]
+            seconds = time_calls(fn, 1, 0)[0]
             if rep >= warmup:
                 res.times_s.append(seconds)
     return results
 
 
 # ----------------------------------------------------------------------------- reporting
-
-
-def describe_machine(device: torch.device) -> list[str]:
-    lines = []
-    cpu_name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu_name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        usable = os.cpu_count()
-    lines.append(
-        f"host     : {platform.node()} | {platform.system()} {platform.release()} | CPU {cpu_name}, "
-        f"{os.cpu_count()} logical CPUs ({usable} usable), torch threads {torch.get_num_threads()}"
-    )
-    if hasattr(os, "getloadavg"):  # other processes on the machine make CPU figures noisy; say how busy it was
-        lines[-1] += f", load average {os.getloadavg()[0]:.2f}"
-
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        lines.append(
-            f"device   : {device} = {props.name}, {props.total_memory / 2**30:.1f} GiB, "
-            f"compute capability {props.major}.{props.minor}, CUDA {torch.version.cuda}, "
-            f"cuDNN {torch.backends.cudnn.version()}, cudnn.benchmark {torch.backends.cudnn.benchmark}, "
-            f"fp32 matmul precision {torch.get_float32_matmul_precision()}"
-        )
-    else:
-        lines.append(f"device   : cpu ({cpu_name})")
-    lines.append(
-        f"software : torch {torch.__version__}, monai {monai.__version__}, python {platform.python_version()}"
-    )
-    return lines
 
 
 def sweep_grid(device: torch.device, args: argparse.Namespace) -> list[StepConfig]:
@@ -463,17 +399,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write all results to this JSON file")
     return p
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False.")
-    if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"--device {name}: only cpu and cuda are supported.")
-    return device
 
 
 def main(argv: Sequence[str] | None = None) -> int:
