@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,9 @@ from scipy import ndimage as ndi
 from skimage.draw import polygon as draw_polygon
 from skimage.measure import find_contours
 from skimage.segmentation import find_boundaries
+
+from monai_mdm.data import monuseg
+from monai_mdm.utils import atomic_write
 
 __all__ = [
     "GLAS_GRADE_HEADER",
@@ -56,10 +58,9 @@ __all__ = [
 ]
 
 GLAS_GRADE_HEADER = ("name", "patient ID", "grade (GlaS)", "grade (Sirinukunwattana et al. 2015)")
-MONUSEG_TRAIN_DIR = "MoNuSeg 2018 Training Data"
-MONUSEG_TRAIN_IMAGES = "Tissue Images"
-MONUSEG_TRAIN_ANNOTATIONS = "Annotations"
-MONUSEG_TEST_DIR = "MoNuSegTestData"
+# the folder names the MoNuSeg reader looks for (one definition: data/monuseg.py)
+MONUSEG_TRAIN_DIR, MONUSEG_TEST_DIR = monuseg.TRAIN_DIR, monuseg.TEST_DIR
+MONUSEG_TRAIN_IMAGES, MONUSEG_TRAIN_ANNOTATIONS = monuseg.TRAIN_IMAGES, monuseg.TRAIN_ANNOTATIONS
 MONUSEG_MICRONS_PER_PIXEL = 0.252
 
 # Unit optical-density vectors (R, G, B) of the two stains, of the order of those that stain
@@ -1017,19 +1018,7 @@ def make_sample(kind: str, split: str, index: int, size: Sequence[int] | None = 
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path`` and move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _bmp_bytes(array: np.ndarray, mode: str) -> bytes:
