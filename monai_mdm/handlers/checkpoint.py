@@ -107,8 +107,8 @@ class TrainingCheckpoint:
     if there is one", which a fixed ``load_path`` cannot express. Why not ignite's ``Checkpoint`` with
     ``DiskSaver(atomic=True)``: it deletes the oldest checkpoint before the new one is written, so a write that
     fails (full disk, a kill) leaves one checkpoint fewer, none with ``n_saved=1``; its atomic write does not
-    flush to disk before the rename; and after a restart it no longer knows the earlier run's files, which
-    then stay. Here the new file is written and synced first, then the oldest beyond ``n_saved`` go. Each checkpoint holds every object in
+    flush to disk before the rename; and it prunes only the files it has listed itself (its own state, saved
+    with ``include_self``), not what an earlier run left in the folder. Here the new file is written and synced first, then the oldest beyond ``n_saved`` go. Each checkpoint holds every object in
     ``save_dict`` (network, EMA network, optimizer, grad scaler, trainer); at the end of training the raw
     and EMA network weights are also written as ``model.pt`` and ``model_ema.pt``.
 
