@@ -64,7 +64,22 @@ def _apply(config: dict, overlay: dict, complete: bool) -> dict:
             merge_kv(parser, key, copy.deepcopy(value))
         else:  # an id into train.json that this overlay does not hold: it stays for MONAI to apply at run time
             parser.config[key] = copy.deepcopy(value)
-    return parser.get()
+    merged = parser.get()
+    if not complete:
+        return merged
+    # a setting the bundle adds joins the settings at the top, before the first component
+    plain = lambda v: not isinstance(v, dict) and not (isinstance(v, list) and any(isinstance(i, dict) for i in v))
+    new = [k for k, v in merged.items() if k not in config and plain(v)]
+    first = next((k for k, v in merged.items() if isinstance(v, dict) and k in config), None)
+    if not new or first is None:
+        return merged
+    ordered: dict = {}
+    for key, value in merged.items():
+        if key == first:
+            ordered.update({k: merged[k] for k in new})
+        if key not in new:
+            ordered[key] = value
+    return ordered
 
 
 def _unset_ids(value, prefix: str = "") -> list[str]:
