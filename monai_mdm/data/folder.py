@@ -57,6 +57,7 @@ def image_folder_datalist(
     exclude_annotations: bool = True,
     verify: bool = True,
     image_key: str = "image",
+    recursive: bool = True,
 ) -> list[dict[str, str]]:
     """``[{"image": path}, ...]`` for every image under ``dataset_dir`` (searched recursively, sorted).
 
@@ -72,6 +73,8 @@ def image_folder_datalist(
             in the label folders of the supported layouts (:data:`LABEL_FOLDERS`).
         verify: decode every image once to catch truncated files.
         image_key: key of the path in each datalist entry.
+        recursive: search sub-folders too; inference takes the folder's own images only, so that an output
+            folder inside it is never read back as input.
     """
     root = Path(dataset_dir).expanduser()
     if not root.is_dir():
@@ -80,7 +83,8 @@ def image_folder_datalist(
             f"{'/'.join(e.lstrip('.') for e in extensions)} images."
         )
     suffixes = {e.lower() for e in extensions}
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+    found = root.rglob("*") if recursive else root.iterdir()
+    files = sorted(p for p in found if p.is_file() and p.suffix.lower() in suffixes)
     skipped = [p for p in files if _is_annotation(p, root)] if exclude_annotations else []
     if skipped:
         files = [p for p in files if not _is_annotation(p, root)]

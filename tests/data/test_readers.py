@@ -441,6 +441,21 @@ def test_pretraining_folder_skips_the_label_folders_of_every_layout(tmp_path, ca
     assert "using 4 images" in message and "2 in 'img'" in message and "skipped 4 label images" in message
 
 
+def test_inference_folder_takes_its_own_images_not_an_output_folder_inside_it(tmp_path):
+    """inference.json lists the folder without sub-folders: earlier predictions in eval/ are never re-read."""
+    from PIL import Image
+
+    from monai_mdm.data import image_folder_datalist
+
+    tile = Image.fromarray(np.full((8, 8, 3), 90, np.uint8))
+    for name in ("slide_1.png", "slide_2.tif", "slide_1_anno.png", "eval/slide_1_seg.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        tile.save(tmp_path / name)
+    listed = image_folder_datalist(tmp_path, verify=False, recursive=False)
+    assert [Path(d["image"]).name for d in listed] == ["slide_1.png", "slide_2.tif"]
+    assert len(image_folder_datalist(tmp_path)) == 3  # pretraining searches sub-folders
+
+
 def test_preprocessed_labels_keep_instance_ids_when_the_file_has_them(tmp_path):
     """Two touching nuclei stored as ids 1 and 2 stay two instances; a 0/255 mask is still split by components."""
     from PIL import Image

@@ -14,6 +14,7 @@ import pytest
 import torch
 from monai.bundle import ckpt_export, run, verify_net_in_out
 from monai.data import load_net_with_metadata
+from PIL import Image
 
 from helpers import BUNDLES, REPO, error_chain
 from monai_mdm.inferers import MDMSegmenter, load_segmentation_model, make_sliding_window_inferer
@@ -139,9 +140,12 @@ def test_missing_weights_say_what_to_run_and_keep_existing_files(tmp_path):
         path.write_bytes(data)
     missing = str(bundle / "models" / "model.pt")
     meta_file, config_file = _configs("mdm_glas_fewshot")
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (WINDOW, WINDOW)).save(images / "slide_1.png")
 
     with pytest.raises(Exception) as info:
-        run(config_file=config_file, bundle_root=str(bundle), dataset_dir=str(tmp_path))
+        run(config_file=config_file, bundle_root=str(bundle), dataset_dir=str(images))
     assert missing in error_chain(info.value) and "configs/train.json" in error_chain(info.value)
     with pytest.raises(Exception) as info:
         verify_net_in_out("network_def", meta_file=meta_file, config_file=config_file, bundle_root=str(bundle))
