@@ -40,8 +40,8 @@ RECIPES = {
 }
 OPTIONAL = {"train_unet.json"}  # written only for bundles whose layer has a section for it
 COMPLETE = {"train.json", "inference.json"}  # the others are overlays, run after train.json
-LOGGING_ONLY = ["mdm_pretrain"]
-WIDTH = 100  # a list of plain values longer than this is written one value per line  # bundles that take only logging.conf from the layers
+LOGGING_ONLY = ["mdm_pretrain"]  # bundles that take only logging.conf from the layers
+WIDTH = 100  # a list of plain values longer than this is written one value per line
 
 
 def _load(path: Path) -> dict:
@@ -68,8 +68,7 @@ def _apply(config: dict, overlay: dict, complete: bool) -> dict:
     if not complete:
         return merged
     # a setting the bundle adds joins the settings at the top, before the first component
-    plain = lambda v: not isinstance(v, dict) and not (isinstance(v, list) and any(isinstance(i, dict) for i in v))
-    new = [k for k, v in merged.items() if k not in config and plain(v)]
+    new = [k for k, v in merged.items() if k not in config and _is_setting(v)]
     first = next((k for k, v in merged.items() if isinstance(v, dict) and k in config), None)
     if not new or first is None:
         return merged
@@ -80,6 +79,11 @@ def _apply(config: dict, overlay: dict, complete: bool) -> dict:
         if key not in new:
             ordered[key] = value
     return ordered
+
+
+def _is_setting(value) -> bool:
+    """A plain value or a list of them, not a component (dict) or a list of components."""
+    return not isinstance(value, dict) and not (isinstance(value, list) and any(isinstance(v, dict) for v in value))
 
 
 def _unset_ids(value, prefix: str = "") -> list[str]:
