@@ -168,3 +168,11 @@ def test_mean_iou_errors():
         mean_iou([np.zeros((2, 2), int)] * 2, [np.zeros((2, 2), int)], 3)
     empty = mean_iou([np.full((2, 2), 0)], [np.full((2, 2), 255)], 2)
     assert np.isnan(empty[0]).all() and math.isnan(empty[1])
+
+
+def test_face_class_names_follow_the_dataset_setting_and_refuse_others():
+    from monai_mdm.data import CELEBA19_CLASSES, FFHQ34_CLASSES, face_class_names
+
+    assert face_class_names("ffhq34") == list(FFHQ34_CLASSES) and face_class_names("celeba19") == list(CELEBA19_CLASSES)
+    with pytest.raises(ValueError, match=r"dataset 'celeba' is not a face-parts data set; set --dataset to one of"):
+        face_class_names("celeba")

@@ -153,3 +153,13 @@ def test_segmenter_save_load_round_trip_with_gaussian_noise(net, tmp_path):
     seg2 = MDMSegmenter(ex2, PixelHeadEnsemble(ex2.out_channels, 3)).eval()
     seg2.save(tmp_path / "seg2.pt")
     assert isinstance(MDMSegmenter.load(tmp_path / "seg2.pt").extractor.corruption, PatchMasking)
+
+
+def test_feature_corruption_setting_names_the_objective_or_ddpm_and_nothing_else():
+    from monai_mdm.transforms import feature_corruption
+
+    assert feature_corruption("objective") == "default"
+    ddpm = feature_corruption("ddpm", seed=3)
+    assert isinstance(ddpm, GaussianNoise) and ddpm.shared_noise and ddpm.noise_seed == 3
+    with pytest.raises(ValueError, match=r"corruption 'mask' is not known; set --corruption to 'objective'"):
+        feature_corruption("mask")
