@@ -9,9 +9,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import numpy as np
 import torch
-import ignite.distributed as idist
 from ignite.engine import Engine, Events
 from monai.transforms import Randomizable, Transform
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ignite.distributed as idist
 import numpy as np
 import torch
-import ignite.distributed as idist
 from ignite.engine import Engine, Events
 from monai.utils import CommonKeys
 from PIL import Image

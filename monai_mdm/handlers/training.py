@@ -9,9 +9,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import torch
 import torch.nn.functional as F
-import ignite.distributed as idist
 from ignite.engine import Engine, Events
 from ignite.handlers import EarlyStopping
 
