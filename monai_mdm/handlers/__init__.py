@@ -8,12 +8,14 @@ from .tracking import (
     LogArtifacts,
     LogSegmentationModel,
     LogSettings,
+    MLflowLink,
     SetTrackedLoss,
     check_tracking_uri,
     log_artifact,
     log_metrics,
     mlflow_handlers,
     save_mlflow_model,
+    with_mlflow_link,
 )
 from .dice_report import DiceReport
 
@@ -28,6 +30,7 @@ __all__ = [
     "LogArtifacts",
     "LogSegmentationModel",
     "LogSettings",
+    "MLflowLink",
     "PublishWhenComplete",
     "RandomStates",
     "ReconstructionGridSaver",
@@ -44,4 +47,5 @@ __all__ = [
     "mlflow_handlers",
     "reconstruction_grid",
     "save_mlflow_model",
+    "with_mlflow_link",
 ]
