@@ -20,21 +20,65 @@ from monai_mdm.utils import load_torch_file
 
 __all__ = [
     "AUTO_EMA_MAX_INIT_WEIGHT",
+    "MODEL_FILE_VERSION",
+    "UNET_FORMAT",
     "WEIGHT_CHOICES",
     "ArchitectureMatch",
     "FoundWeights",
     "find_weights",
     "guided_diffusion_config",
     "guided_diffusion_config_to_kwargs",
+    "check_model_file",
     "load_pretrained",
     "load_pretrained_unet",
     "match_architecture",
     "mismatch_hints",
+    "model_file",
     "preset_candidates",
     "unet_from_guided_diffusion",
 ]
 
 logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------- the model-file layout
+
+MODEL_FILE_VERSION = 1
+UNET_FORMAT = "monai_mdm.unet"  # a UNet alone: pretraining's model.pt / model_ema.pt, the converter's output
+
+
+def model_file(file_format: str, network_config: Mapping[str, Any], model: Mapping[str, Any], **metadata: Any) -> dict:
+    """The one layout of every model file the project writes (UNet, segmenter, supervised baseline).
+
+    ``format`` and ``version`` say what the file is; ``network_config`` how to build the network (a
+    guided-diffusion config for the UNet, a MONAI ``_target_`` config for other networks); ``model`` its
+    weights, under the key MONAI bundles and MONAI Label read from ``models/model.pt``; ``metadata`` what
+    produced it (e.g. the pretraining record, the converter's source), as top-level entries.
+    """
+    reserved = {"format", "version"} & set(metadata)  # network_config and model are parameters
+    if reserved:
+        raise ValueError(f"model-file metadata cannot be named {sorted(reserved)}.")
+    return {"format": file_format, "version": MODEL_FILE_VERSION, "network_config": dict(network_config),
+            "model": model, **metadata}  # fmt: skip
+
+
+def check_model_file(state: Any, source: str, formats: Sequence[str]) -> bool:
+    """Whether ``state`` is a model file of one of ``formats``; refuse one written by a newer monai_mdm."""
+    if not isinstance(state, Mapping) or state.get("format") not in formats:
+        return False
+    if int(state.get("version", 0)) > MODEL_FILE_VERSION:
+        raise ValueError(
+            f"{source} was written by a newer monai_mdm (model-file version {state['version']}, this one reads up "
+            f"to {MODEL_FILE_VERSION}): upgrade monai_mdm to read it."
+        )
+    return True
+
+
+def _unet_weights(state: Any) -> Mapping[str, Any] | None:
+    """The UNet weights of a self-describing UNet file (``model``; ``state_dict`` in files of earlier versions)."""
+    if not isinstance(state, Mapping):
+        return None
+    weights = state.get("model") if state.get("format") == UNET_FORMAT else state.get("state_dict")
+    return weights if isinstance(weights, Mapping) else None
 
 # ---------------------------------------------------------------------------------------- guided-diffusion configs
 
@@ -472,17 +516,19 @@ def _read_weights(path: Path) -> Any:
 
 def _unet_from_loaded(state: Any, path: Path, preset: str | None, overrides: Mapping[str, Any]) -> MDMUNet:
     """``load_pretrained_unet`` after reading the file: build the network and load ``state`` into it."""
+    check_model_file(state, f"pretrained weights '{path}'", [UNET_FORMAT])
     stored = state.get("network_config") if isinstance(state, Mapping) else None
+    weights = _unet_weights(state)
     if preset:
         config = guided_diffusion_config(MDMUNet.from_preset(preset, **overrides))
         what = f"preset '{preset}'"
-    elif isinstance(stored, Mapping) and isinstance(state.get("state_dict"), Mapping):
+    elif isinstance(stored, Mapping) and weights is not None:
         config = stored
         if overrides:
             kwargs = {**guided_diffusion_config_to_kwargs(stored), **overrides}
             with torch.device("meta"):  # only the settings are needed, not a second copy of the weights
                 config = guided_diffusion_config(MDMUNet(**kwargs))
-        state = state["state_dict"]
+        state = weights
         what = "the network_config stored in the file"
     else:
         config = None
@@ -521,7 +567,7 @@ def _weight_sets(path: Path, state: Any) -> tuple[dict[str, tuple[Path, Any]], M
     if isinstance(state.get("network"), Mapping) and isinstance(state.get("ema"), Mapping):
         return {"raw": (path, state["network"]), "ema": (path, state["ema"])}, record
     if record is None:
-        converted = state.get("weights") in ("ema", "raw") and isinstance(state.get("state_dict"), Mapping)
+        converted = state.get("weights") in ("ema", "raw") and _unet_weights(state) is not None
         return {state["weights"] if converted else "given": (path, state)}, None
     kind = record.get("weights")
     if kind not in ("ema", "raw"):
