@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 from monai.data import CuCIMWSIReader, OpenSlideWSIReader, TiffFileWSIReader
 from monai.data.wsi_reader import BaseWSIReader
 from monai.utils import optional_import
@@ -206,7 +207,8 @@ def tissue_mask(
     """Where the slide holds tissue, from its lowest-resolution level: (mask (h, w) bool, level-0 px per mask px).
 
     Stained tissue is coloured and glass is grey-white, so the mask is HSV saturation above ``threshold``
-    (default: Otsu's threshold of the slide, at least ``min_threshold`` so an empty slide finds nothing). The
+    (default: Otsu's threshold of the slide, at least ``min_threshold`` so an empty slide finds nothing), with the
+    holes tissue encloses (gland lumens) filled. The
     level is read in bands of rows and subsampled to at most ``max_size`` px a side, so memory stays small even
     for a slide without sub-resolution levels.
     """
@@ -227,7 +229,8 @@ def tissue_mask(
         from skimage.filters import threshold_otsu
 
         threshold = max(float(threshold_otsu(saturation)) if np.ptp(saturation) > 0 else 1.0, min_threshold)
-    mask = saturation > threshold
+    # a gland's lumen is white but inside tissue: fill what tissue encloses, and close gaps of a few pixels
+    mask = ndimage.binary_fill_holes(ndimage.binary_closing(saturation > threshold, np.ones((3, 3)), border_value=0))
     if not mask.any():
         raise ValueError(
             f"'{reader.get_file_path(wsi)}': the tissue mask found no tissue (no pixel of level {level}, "
