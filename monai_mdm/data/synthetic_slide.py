@@ -34,6 +34,8 @@ class SyntheticSlide:
         grid = (math.ceil(self.shape[0] / cell), math.ceil(self.shape[1] / cell))
         # -1: glass, else the index of the tile the cell shows
         self.cells = np.where(rng.random(grid) < tissue, rng.integers(0, variants, grid), -1)
+        if tissue > 0 and (self.cells < 0).all():  # a small slide still shows some tissue
+            self.cells[grid[0] // 2, grid[1] // 2] = 0
         self.tiles = [synthesize_tile((cell, cell), np.random.default_rng([seed, 2, v]), kind)[0] for v in range(variants)]
         self.glass = np.clip(rng.normal(246, 3, (cell, cell, 1)), 0, 255).astype(np.uint8).repeat(3, axis=-1)
 
