@@ -179,8 +179,9 @@ class SlideInferer:
 def _check_free_disk(folder: Path, slide: str, shape: tuple[int, int], channels: int, tissue: float) -> None:
     """Refuse a slide whose output and working files do not fit on the disk, before hours of inference."""
     pixels = shape[0] * shape[1]
-    # scores, sums (float32) and counts for the tissue windows, the label map, the uncompressed pyramid at most
-    need = tissue * pixels * (channels * 8 + 1) + pixels + pixels * 4 / 3
+    # scores and sums (float32) and counts (uint8) of every channel under the tissue windows, the label map,
+    # and at most the uncompressed pyramid
+    need = tissue * pixels * channels * 9 + pixels + pixels * 4 / 3
     free = shutil.disk_usage(folder).free
     if need > free:
         raise OSError(
