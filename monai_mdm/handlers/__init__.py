@@ -16,6 +16,7 @@ from .tracking import (
     save_mlflow_model,
 )
 from .dice_report import DiceReport
+from .timing import IterationTimes
 
 __all__ = [
     "CheckTrackingServer",
@@ -23,6 +24,7 @@ __all__ = [
     "DiceReport",
     "EMA",
     "HeldOutEarlyStopping",
+    "IterationTimes",
     "SaveModel",
     "SegmentationReport",
     "LogArtifacts",
