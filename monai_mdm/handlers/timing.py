@@ -27,8 +27,8 @@ class IterationTimes:
 
     Args:
         path: the JSON file: ``iteration_s`` (seconds of each iteration, the first from the run's start),
-            ``images_per_iteration``, ``world_size`` and ``median_images_per_s`` (over all but the first
-            ``warmup`` iterations).
+            ``images_per_iteration``, ``world_size``, ``median_images_per_s`` (over all but the first
+            ``warmup`` iterations) and on CUDA ``peak_memory_mib`` (``torch.cuda.max_memory_allocated``).
         images_per_iteration: images of one iteration over all processes (the bundle's global ``batch_size``).
         device: synchronised at the end of each iteration when it is a CUDA device.
         warmup: iterations left out of the median (the first ones pay for cuDNN's autotuning and compilation).
@@ -71,7 +71,14 @@ class IterationTimes:
             "warmup": self.warmup,
             "median_iteration_s": median,
             "median_images_per_s": self.images_per_iteration / median if timed else float("nan"),
+            "peak_memory_mib": self._peak_mib(),
         }
+
+    def _peak_mib(self) -> float | None:
+        """``torch.cuda.max_memory_allocated`` of the device since the process started, None on the CPU."""
+        if self.device is None or self.device.type != "cuda":
+            return None
+        return torch.cuda.max_memory_allocated(self.device) / 2**20
 
     def _write(self, engine: Engine) -> None:
         if idist.get_rank() == 0:
