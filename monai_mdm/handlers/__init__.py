@@ -18,6 +18,7 @@ from .tracking import (
     with_mlflow_link,
 )
 from .dice_report import DiceReport
+from .timing import IterationTimes
 
 __all__ = [
     "CheckTrackingServer",
@@ -25,6 +26,7 @@ __all__ = [
     "DiceReport",
     "EMA",
     "HeldOutEarlyStopping",
+    "IterationTimes",
     "SaveModel",
     "SegmentationReport",
     "LogArtifacts",

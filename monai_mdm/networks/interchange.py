@@ -128,7 +128,8 @@ def guided_diffusion_config_to_kwargs(config: Mapping[str, Any]) -> dict[str, An
     ``UNetModel`` takes); given as a string such as ``"32,16,8"`` it is read as pixel resolutions (the
     command-line form) and converted with ``image_size // res``. An empty ``channel_mult`` takes
     guided-diffusion's default for ``image_size``. ``learn_sigma`` doubles ``out_channels``. Missing keys
-    take guided-diffusion's script defaults. Diffusion-only keys (noise schedule etc.) are ignored.
+    take guided-diffusion's script defaults. ``use_checkpoint`` (gradient checkpointing) is kept: it changes memory,
+    not the weights or the function. Diffusion-only keys (noise schedule etc.) are ignored.
     """
     cfg = dict(config)
     if cfg.get("class_cond", False) or cfg.get("num_classes") is not None:
@@ -162,6 +163,7 @@ def guided_diffusion_config_to_kwargs(config: Mapping[str, Any]) -> dict[str, An
         resblock_updown=bool(cfg.get("resblock_updown", False)),
         conv_resample=bool(cfg.get("conv_resample", True)),
         num_timesteps=int(cfg.get("diffusion_steps", 1000)),
+        use_checkpoint=bool(cfg.get("use_checkpoint", False)),
     )
 
 
@@ -192,6 +194,7 @@ def guided_diffusion_config(network: MDMUNet, image_size: int | None = None) -> 
         learn_sigma=False,
         class_cond=False,
         diffusion_steps=network.num_timesteps,
+        use_checkpoint=network.use_checkpoint,
     )
     return cfg
 

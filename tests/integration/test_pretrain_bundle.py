@@ -290,3 +290,14 @@ def test_failed_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(torch.load(target)["a"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_2.pt"]
+
+
+def test_gradient_checkpointing_trains_the_same_weights(demo_data, tmp_path):
+    for name, on in (("plain", False), ("checkpointed", True)):
+        _train(demo_data["glas"], tmp_path / name, max_iterations=2, grid_interval=0, gradient_checkpointing=on)
+    plain = torch.load(tmp_path / "plain" / "models" / "model.pt", weights_only=False)
+    checkpointed = torch.load(tmp_path / "checkpointed" / "models" / "model.pt", weights_only=False)
+    assert checkpointed["network_config"]["use_checkpoint"] is True  # the model file says how it was trained
+    assert plain["network_config"]["use_checkpoint"] is False
+    for key, value in plain["state_dict"].items():
+        torch.testing.assert_close(checkpointed["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
