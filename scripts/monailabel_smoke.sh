@@ -63,7 +63,7 @@ if [[ -z $MODEL ]]; then
     say "pretraining the tiny MDM (20 iterations)"
     (cd "$REPO" && "$PY" -m monai.bundle run --config_file bundles/mdm_pretrain/configs/train.json \
         --dataset_dir "$GLAS" --output_dir "$WORK/pretrain" --max_iterations 20 --batch_size 4 \
-        --image_size 48 --save_interval 20 --grid_interval 0 --progress_bar false --num_workers 0 > "$WORK/pretrain.log" 2>&1) \
+        --image_size 48 --save_interval 20 --grid_interval 0 --progress_bar False --num_workers 0 > "$WORK/pretrain.log" 2>&1) \
         || { tail -20 "$WORK/pretrain.log"; fail "pretraining"; }
     say "training the few-shot head (2 labelled images)"
     (cd "$REPO" && "$PY" -m monai.bundle run --config_file bundles/mdm_glas_fewshot/configs/train.json \
