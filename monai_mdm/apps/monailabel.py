@@ -12,8 +12,9 @@ set. Three things must then follow the app's copy rather than the command line's
   refused, naming the file, when a value lies outside the classes.
 
 MONAI Label is recognised by the ``MONAI_LABEL_APP_DIR`` its server exports to the training process, with
-``bundle_root`` inside that app. This module does not import MONAI Label; the scoring method for its
-active learning is in :mod:`monai_mdm.apps.monailabel_scoring`.
+``bundle_root`` inside that app. For MONAI Label's active learning (``next_sample``), :func:`scoring_method`
+scores unlabelled images by the head ensemble's uncertainty and :func:`strategy` serves the most uncertain.
+MONAI Label is imported only by those two.
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ from monai.transforms import Compose
 
 from monai_mdm.transforms.dictionary import LoadClassMapd, LoadInstanceMaskd
 
-__all__ = ["APP_DIR_VARIABLE", "label_preprocessing", "pretrained_weights", "trains_in_app"]
+__all__ = [
+    "APP_DIR_VARIABLE",
+    "EnsembleEntropyScorer",
+    "label_preprocessing",
+    "pretrained_weights",
+    "scoring_method",
+    "strategy",
+    "trains_in_app",
+]
 
 APP_DIR_VARIABLE = "MONAI_LABEL_APP_DIR"
 
@@ -63,3 +72,81 @@ def label_preprocessing(preprocessing: Compose, num_classes: int, ignore_index: 
             t = LoadClassMapd(t.keys, num_classes, image_key=t.image_key, ignore_index=ignore_index)
         transforms.append(t)
     return Compose(transforms)
+
+
+# ------------------------------------------------------------------------------------------- active learning
+
+SCORE_KEY = "mdm_entropy"
+
+
+class EnsembleEntropyScorer:
+    """Scores the datastore's unlabelled images by :func:`monai_mdm.inferers.uncertainty.image_uncertainty` of the
+    bundle's served ``models/model.pt``, with its ``inference.json`` preprocessing and sliding window.
+
+    Each image's info gets ``<key>`` (mean entropy of the heads' averaged softmax), ``<key>_disagreement`` and
+    ``<key>_model`` (the model file's mtime: an image is scored again once the model changes). MONAI Label's own
+    ``Epistemic(key=...)`` strategy then serves the unlabelled image with the highest score. ``datastore`` is
+    MONAI Label's (``get_unlabeled_images``, ``get_image_uri``, ``get_image_info``, ``update_image_info``).
+    """
+
+    def __init__(self, bundle_path: str | os.PathLike, key: str = SCORE_KEY, device: str = "cpu") -> None:
+        self.bundle_path = Path(bundle_path)
+        self.key = key
+        self.device = device
+
+    def _inference_parts(self):
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(str(self.bundle_path / "configs" / "inference.json"))
+        parser.config.update({"bundle_root": str(self.bundle_path)})
+        return parser.get_parsed_content("preprocessing"), parser.get_parsed_content("window_size"), \
+            parser.get_parsed_content("overlap")  # fmt: skip
+
+    def __call__(self, request: dict | None, datastore) -> dict:
+        import torch
+
+        from monai_mdm.inferers import load_segmentation_model
+        from monai_mdm.inferers.uncertainty import image_uncertainty
+
+        model_path = self.bundle_path / "models" / "model.pt"
+        version = model_path.stat().st_mtime_ns if model_path.is_file() else None
+        if version is None:
+            return {"scored": 0, "reason": f"no trained model at '{model_path}' yet"}
+        device = torch.device((request or {}).get("device", self.device))
+        model = load_segmentation_model(model_path, device)
+        preprocessing, window, overlap = self._inference_parts()
+        scored = {}
+        for image_id in datastore.get_unlabeled_images():
+            if (datastore.get_image_info(image_id) or {}).get(f"{self.key}_model") == version:
+                continue
+            image = preprocessing({"image": datastore.get_image_uri(image_id)})["image"]
+            score = image_uncertainty(model, torch.as_tensor(image)[None].to(device), window, overlap)
+            info = {self.key: float(score["entropy"][0]), f"{self.key}_disagreement": float(score["disagreement"][0]),
+                    f"{self.key}_model": version}  # fmt: skip
+            datastore.update_image_info(image_id, info)
+            scored[image_id] = info[self.key]
+        return {"scored": len(scored), "scores": scored}
+
+
+def scoring_method(bundle_path: str | os.PathLike, key: str = SCORE_KEY, device: str = "cpu"):
+    """:class:`EnsembleEntropyScorer` as a MONAI Label ``ScoringMethod``, for an app's ``init_scoring_methods``
+    (MONAI Label is imported here, not when the bundle trains)."""
+    from monailabel.interfaces.tasks.scoring import ScoringMethod
+
+    class EnsembleEntropyScoring(ScoringMethod):
+        def __init__(self) -> None:
+            super().__init__("Uncertainty of the few-shot head ensemble (mean entropy per image)")
+            self.scorer = EnsembleEntropyScorer(bundle_path, key, device)
+
+        def __call__(self, request, datastore):
+            return self.scorer(request, datastore)
+
+    return EnsembleEntropyScoring()
+
+
+def strategy(key: str = SCORE_KEY):
+    """MONAI Label's ``Epistemic`` strategy on :func:`scoring_method`'s score: the most uncertain unlabelled image."""
+    from monailabel.tasks.activelearning.epistemic import Epistemic
+
+    return Epistemic(key=key, desc="Most uncertain image for the few-shot head ensemble (mdm_entropy)")

@@ -19,7 +19,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, LoadImaged, SaveImaged
 from PIL import Image
 
-from helpers import BUNDLES
+from helpers import BUNDLES, error_chain
 
 FEWSHOT = ["mdm_glas_fewshot", "mdm_monuseg_fewshot", "mdm_face_parts_fewshot"]
 
@@ -228,7 +228,7 @@ def test_monailabel_label_outside_the_classes_names_the_file(demo_data, trained_
     datalist = save_labels(demo_data, tmp_path / "studies", ["train_1", "train_2"], values={"train_2": 2})
     with pytest.raises(Exception) as raised:
         monailabel_train(root, datalist, max_epochs=1, output_dir=str(tmp_path / "records"), **SMALL)
-    message = "".join(str(e) for e in _chain(raised.value))
+    message = error_chain(raised.value)
     assert "train_2.png" in message and "outside the 2 classes" in message
     assert torch.load(root / "models" / "model.pt")["model"].keys()  # the served model is left as it was
 
@@ -243,9 +243,3 @@ def test_monailabel_ignore_value_255_is_kept(demo_data, in_app, tmp_path):
     pre = label_preprocessing(parser.get_parsed_content("preprocessing"), num_classes=2)
     label = pre(datalist[0])["label"]
     assert set(np.unique(np.asarray(label)).tolist()) == {0, 1, 255}
-
-
-def _chain(error: BaseException):
-    while error is not None:
-        yield error
-        error = error.__cause__ or error.__context__
