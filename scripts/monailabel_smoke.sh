@@ -11,7 +11,7 @@
 #   MONAILABEL_VENV  virtual environment to use or create (default ~/.cache/monai_mdm/monailabel-venv)
 #   PYTHON           interpreter that creates it (default python3)
 #   KEEP_WORK=1      keep the temporary folder (data, app, server log, returned mask)
-#   TRAIN_EPOCHS     max_epochs of the training request (default 2; an epoch is epoch_length=25 head steps)
+#   TRAIN_EPOCHS     max_epochs of the training request (default 8 of epoch_length=25 head steps, as in step 2)
 #
 # MONAI Label imports torchvision, which has no build for the CPU torch 2.13.0 this project otherwise pins,
 # so its venv gets torch 2.14.1 + torchvision 0.29.1 (several GB, minutes on the first run).
@@ -184,7 +184,7 @@ say "saved labels of ${LABELLED[*]}"
 # 7. Training from the labels: POST /train/<model>, a second POST while it runs, poll until it ends.
 MODEL_PT=$APP/model/$BUNDLE/models/model.pt
 BEFORE=$(sha256sum "$MODEL_PT" | cut -c1-16)
-PARAMS="{\"device\": \"cpu\", \"max_epochs\": ${TRAIN_EPOCHS:-2}, \"val_split\": 0.2}"
+PARAMS="{\"device\": \"cpu\", \"max_epochs\": ${TRAIN_EPOCHS:-8}, \"val_split\": 0.2}"
 say "POST /train/$BUNDLE $PARAMS"
 TRAIN_START=$(date +%s)
 curl -sf -X POST "http://127.0.0.1:$PORT/train/$BUNDLE" -H "Content-Type: application/json" -d "$PARAMS" \
