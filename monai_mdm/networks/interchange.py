@@ -554,6 +554,7 @@ WEIGHT_CHOICES = ("auto", "ema", "raw")
 # ``weights="auto"`` takes the EMA weights once the initialisation's weight in the average is below this
 AUTO_EMA_MAX_INIT_WEIGHT = 0.01
 _SIBLING = {"model.pt": "model_ema.pt", "model_ema.pt": "model.pt"}
+_SEGMENTER_FORMAT = "monai_mdm.segmenter"  # a trained model.pt (monai_mdm.inferers.MDMSegmenter), whose UNet is read
 
 
 def _weight_sets(path: Path, state: Any) -> tuple[dict[str, tuple[Path, Any]], Mapping[str, Any] | None]:
@@ -567,6 +568,8 @@ def _weight_sets(path: Path, state: Any) -> tuple[dict[str, tuple[Path, Any]], M
     if not isinstance(state, Mapping):
         return {"given": (path, state)}, None
     record = state.get("pretraining") if isinstance(state.get("pretraining"), Mapping) else None
+    if state.get("format") == _SEGMENTER_FORMAT:
+        return {_segmenter_kind(record): (path, _segmenter_unet(state, path))}, record
     if isinstance(state.get("network"), Mapping) and isinstance(state.get("ema"), Mapping):
         return {"raw": (path, state["network"]), "ema": (path, state["ema"])}, record
     if record is None:
@@ -586,6 +589,27 @@ def _weight_sets(path: Path, state: Any) -> tuple[dict[str, tuple[Path, Any]], M
         if isinstance(other_record, Mapping) and other_record.get("weights") not in (None, kind):
             sets[other_record["weights"]] = (sibling, other)
     return sets, record
+
+
+def _segmenter_kind(record: Mapping[str, Any] | None) -> str:
+    kind = record.get("weights") if record is not None else None
+    return kind if kind in ("ema", "raw") else "given"
+
+
+def _segmenter_unet(state: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """The UNet of a trained segmenter's ``model.pt`` (MONAI Label retrains the head of the model it serves):
+    its ``extractor.network.`` weights and the network config stored beside them."""
+    weights = state.get("model")
+    if not isinstance(weights, Mapping):
+        raise ValueError(
+            f"pretrained weights '{path}' are a segmentation model saved without its UNet (include_network=False): "
+            "point --pretrained_weights at the pretraining run's model_ema.pt instead."
+        )
+    if (state.get("features") or {}).get("finetuned"):
+        logger.warning(f"'{path}' holds a fine-tuned UNet: its features are the fine-tuned ones, not the pretrained.")
+    prefix = "extractor.network."
+    unet = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    return {"state_dict": unet, "network_config": state.get("network_config")}
 
 
 def _auto_choice(record: Mapping[str, Any] | None, sets: Mapping[str, Any]) -> tuple[str, str]:
@@ -616,7 +640,8 @@ def load_pretrained(
 
     ``pretrained_weights`` is a pretraining run's ``model.pt`` or ``model_ema.pt`` (the other set is taken
     from the file beside it when needed), a ``checkpoint_<N>.pt`` (holds both), a converted or guided-diffusion
-    file (one set, used as given), or ``"random"``: the ``preset`` network with random weights seeded by
+    file (one set, used as given), a trained few-shot ``model.pt`` (its UNet, as MONAI Label retrains the head of
+    the model it serves), or ``"random"``: the ``preset`` network with random weights seeded by
     ``seed``, the control that shows what pretraining adds.
 
     ``weights``: ``"ema"`` or ``"raw"`` picks that set; ``"auto"`` takes the EMA only when its initialisation

@@ -186,7 +186,8 @@ class LoadInstanceMaskd(MapTransform):
 
 
 class LoadClassMapd(MapTransform):
-    """Load ``.npy`` class maps to ``(1, H, W)`` arrays, checking them against their image and the class count.
+    """Load class maps (``.npy``, or label images as MONAI Label saves them) to ``(1, H, W)`` arrays, checking
+    them against their image and the class count (a value outside the classes fails, naming the file).
 
     ``d[key]`` is the map's path; when it is missing or None the map is looked for as ``<image stem>.npy`` next
     to the image. Put it before or after ``LoadImaged`` (the image file is then taken from the MetaTensor).
@@ -235,7 +236,7 @@ class LoadClassMapd(MapTransform):
                 path = _path_of(value)
                 if path is None:
                     raise TypeError(
-                        f"LoadClassMapd expects d[{key!r}] to be a .npy path, got {type(value).__name__}; put it "
+                        f"LoadClassMapd expects d[{key!r}] to be a class map path, got {type(value).__name__}; put it "
                         "before any transform that loads the label."
                     )
             arr = read_class_map(path, self.num_classes, self.ignore_index, image=image)
