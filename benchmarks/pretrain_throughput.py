@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Throughput and memory of one MDM pretraining step, and the cost of batched patch masking.
 
-One training step = draw t per sample, mask the batch on the device (``PatchMasking``, p = 8, T = 1000),
-forward through ``MDMUNet``, SSIM loss against the clean images, backward, AdamW step. The clean images are
+One training step = the pretraining bundle's own step pieces: ``engines.ObjectivePrepareBatch`` of the MDM
+objective (t per sample, the batch masked on the device, p = 8, T = 1000), forward through ``MDMUNet``, the
+objective's SSIM loss against the clean images, backward, AdamW step. The clean images are
 random tensors already on the device, so data loading is not measured.
 
 Examples::
@@ -39,9 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside thi
 
 from common import HostPeak, current_rss_mib, describe_machine, resolve_device, time_calls  # noqa: E402
 
-from monai_mdm.losses.reconstruction import reconstruction_loss  # noqa: E402
+from monai_mdm.engines import ObjectivePrepareBatch  # noqa: E402
 from monai_mdm.networks.mdm_unet import MDMUNet  # noqa: E402
 from monai_mdm.networks.presets import PRESETS  # noqa: E402
+from monai_mdm.transforms import objective  # noqa: E402
 from monai_mdm.transforms.corruption import PatchMasking  # noqa: E402
 
 PATCH_SIZE = 8
@@ -203,8 +205,9 @@ def build_train_step(cfg: StepConfig, device: torch.device, seed: int = 0) -> tu
     net = torch.compile(model, backend=cfg.compile_backend) if cfg.compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
     nd = PRESETS[cfg.preset]["spatial_dims"]
-    loss_fn = reconstruction_loss("ssim", spatial_dims=nd)
-    masking = PatchMasking(patch_size=PATCH_SIZE, num_timesteps=NUM_TIMESTEPS)
+    # the pretraining bundle's own step: its prepare-batch draws t and masks, its loss is the objective's (SSIM)
+    prepare = ObjectivePrepareBatch(objective("mdm", patch_size=PATCH_SIZE, num_timesteps=NUM_TIMESTEPS,
+                                              spatial_dims=nd))  # fmt: skip
     amp_dtype = AMP_DTYPES[cfg.precision]
     # fp16 needs loss scaling against gradient underflow; used on CUDA (the CPU path runs fp16 unscaled)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16" and device.type == "cuda")
@@ -222,11 +225,10 @@ def build_train_step(cfg: StepConfig, device: torch.device, seed: int = 0) -> tu
         optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)
         for x0 in chunks:
-            t = torch.randint(0, NUM_TIMESTEPS, (x0.shape[0],), device=device)
-            xt = masking(x0, t).contiguous(memory_format=fmt)
+            inputs, target, _, kwargs = prepare(x0, device)
             with autocast():
-                pred = net(xt, t)
-            loss = loss_fn(pred.float(), x0) / len(chunks)  # SSIM in fp32, outside autocast
+                pred = net(inputs.contiguous(memory_format=fmt), **kwargs)
+            loss = prepare.loss_function(pred.float(), target) / len(chunks)  # SSIM in fp32, outside autocast
             scaler.scale(loss).backward()
             total += loss.detach()
         scaler.step(optimizer)
@@ -454,8 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line)
     print(f"settings : {' '.join(sys.argv[1:]) if argv is None else ' '.join(argv)}")
     print(
-        f"step     : PatchMasking(p={PATCH_SIZE}, T={NUM_TIMESTEPS}) on the device + MDMUNet forward + SSIM loss "
-        f"(win 5, sigma 1.5) + backward + AdamW(lr {LEARNING_RATE:g}); random images already on the device "
+        f"step     : the bundle's ObjectivePrepareBatch (mdm: PatchMasking p={PATCH_SIZE}, T={NUM_TIMESTEPS}) + MDMUNet "
+        f"+ SSIM (win 5, sigma 1.5) + backward + AdamW(lr {LEARNING_RATE:g}); random images already on the device "
         f"(data loading not timed); fp16 GradScaler {'on' if device.type == 'cuda' else 'off (CPU)'}"
     )
     print(f"timing   : {args.warmup} warm-up + {args.steps} timed steps per row; ms/step = median, "
