@@ -17,9 +17,12 @@ from monai.utils.type_conversion import convert_to_dst_type
 
 from monai_mdm.data.faces import check_num_classes, read_class_map
 from monai_mdm.data.instances import read_instance_map
-from monai_mdm.transforms.array import EnsureRGB, RandPatchMask
+from monai_mdm.transforms.array import EnsureRGB, NucleusBoundaryTarget, RandPatchMask
 
 __all__ = [
+    "NucleusBoundaryTargetd",
+    "NucleusBoundaryTargetD",
+    "NucleusBoundaryTargetDict",
     "RandPatchMaskd",
     "RandPatchMaskD",
     "RandPatchMaskDict",
@@ -243,6 +246,34 @@ class LoadClassMapd(MapTransform):
         return d
 
 
+class NucleusBoundaryTargetd(MapTransform):
+    """Dictionary-based :class:`NucleusBoundaryTarget`: ``d[key]`` becomes the 3-class target (background,
+    nucleus interior, nucleus boundary) of the instance map ``d[key + instance_postfix]`` that
+    :class:`LoadInstanceMaskd` wrote, with the type, dtype and device of the ``d[key]`` it replaces (put it anywhere
+    after :class:`LoadInstanceMaskd`). The instance map stays for the instance metrics."""
+
+    backend = NucleusBoundaryTarget.backend
+
+    def __init__(self, keys: KeysCollection = "label", instance_postfix: str = "_instances",
+                 allow_missing_keys: bool = False) -> None:  # fmt: skip
+        super().__init__(keys, allow_missing_keys)
+        self.instance_postfix = instance_postfix
+        self.target = NucleusBoundaryTarget()
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            source = f"{key}{self.instance_postfix}"
+            if source not in d:
+                raise KeyError(
+                    f"NucleusBoundaryTargetd: no instance map under {source!r}; put LoadInstanceMaskd (which writes "
+                    "it) before it."
+                )
+            d[key] = convert_to_dst_type(self.target(d[source]), d[key])[0]  # the label's type, dtype, device
+        return d
+
+
+NucleusBoundaryTargetD = NucleusBoundaryTargetDict = NucleusBoundaryTargetd
 RandPatchMaskD = RandPatchMaskDict = RandPatchMaskd
 EnsureRGBD = EnsureRGBDict = EnsureRGBd
 LoadInstanceMaskD = LoadInstanceMaskDict = LoadInstanceMaskd
