@@ -17,12 +17,15 @@ from monai.utils.type_conversion import convert_to_dst_type
 
 from monai_mdm.data.faces import check_num_classes, read_class_map
 from monai_mdm.data.instances import read_instance_map
-from monai_mdm.transforms.array import EnsureRGB, NucleusBoundaryTarget, RandPatchMask
+from monai_mdm.transforms.array import EnsureRGB, NucleusBoundaryTarget, NucleusInstances, RandPatchMask
 
 __all__ = [
     "NucleusBoundaryTargetd",
     "NucleusBoundaryTargetD",
     "NucleusBoundaryTargetDict",
+    "NucleusInstancesd",
+    "NucleusInstancesD",
+    "NucleusInstancesDict",
     "RandPatchMaskd",
     "RandPatchMaskD",
     "RandPatchMaskDict",
@@ -273,7 +276,34 @@ class NucleusBoundaryTargetd(MapTransform):
         return d
 
 
+class NucleusInstancesd(MapTransform):
+    """Dictionary-based :class:`NucleusInstances`: the nucleus instances of the class map ``d[key]`` (after
+    argmax, ``(1, H, W)``) go to ``d[key + instance_postfix]`` (``"pred_instances"``); ``d[key]`` is kept.
+
+    Args:
+        keys: keys of class maps.
+        method: ``"watershed"`` or ``"connected_components"`` (the bundles' ``--instances``).
+        instance_postfix: where the instances go.
+        min_marker_size: see :func:`monai_mdm.transforms.nucleus_instances`.
+    """
+
+    backend = NucleusInstances.backend
+
+    def __init__(self, keys: KeysCollection = "pred", method: str = "watershed", instance_postfix: str = "_instances",
+                 min_marker_size: int = 3, allow_missing_keys: bool = False) -> None:  # fmt: skip
+        super().__init__(keys, allow_missing_keys)
+        self.instance_postfix = instance_postfix
+        self.instances = NucleusInstances(method, min_marker_size)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[f"{key}{self.instance_postfix}"] = self.instances(d[key])
+        return d
+
+
 NucleusBoundaryTargetD = NucleusBoundaryTargetDict = NucleusBoundaryTargetd
+NucleusInstancesD = NucleusInstancesDict = NucleusInstancesd
 RandPatchMaskD = RandPatchMaskDict = RandPatchMaskd
 EnsureRGBD = EnsureRGBDict = EnsureRGBd
 LoadInstanceMaskD = LoadInstanceMaskDict = LoadInstanceMaskd
