@@ -32,6 +32,7 @@ See ``benchmarks/README.md`` for what each figure means.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -52,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside thi
 from common import HostPeak, describe_machine, resolve_device, timed  # noqa: E402
 
 from monai_mdm.data.feature_cache import FeatureCache  # noqa: E402
+from monai_mdm.utils import atomic_write  # noqa: E402
 from monai_mdm.data.synthetic import synthesize_tile  # noqa: E402
 from monai_mdm.engines.feature_batch import CachedFeaturePrepareBatch, OnlineFeaturePrepareBatch  # noqa: E402
 from monai_mdm.inferers.segmenter import MDMSegmenter, make_sliding_window_inferer  # noqa: E402
@@ -278,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-inference", action="store_true", help="leave out the sliding-window timing")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="also write the table's figures to this JSON file")
     return p
 
 
@@ -495,6 +498,11 @@ def run_benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser, dev
         f"cached = build + E*S*step_cached, recompute = E*S*step_recompute"
     )
     print(f"losses   : last cached step {cached_loss:.4f}, last recompute step {online_loss:.4f}")
+    if args.json is not None:
+        figures = {name: {"value": value, "unit": unit, "kind": kind} for name, value, unit, kind, _ in rows}
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(args.json, lambda f: json.dump({"settings": settings, "figures": figures}, f, indent=2), "w")
     return 0
 
 

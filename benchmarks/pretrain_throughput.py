@@ -50,7 +50,7 @@ LEARNING_RATE = 1e-4
 AMP_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 TRAIN_COLUMNS = (
-    "preset", "size", "batch", "micro", "precision", "ch_last", "compile",
+    "preset", "size", "batch", "micro", "precision", "ch_last", "compile", "ckpt",
     "ms/step", "min_ms", "max_ms", "images/s", "peak_MiB", "loss",
 )  # fmt: skip
 COMPARE_COLUMNS = ("preset", "size", "batch", "precision", "ref_ms/step", "batched_ms/step", "speed-up")
@@ -134,6 +134,8 @@ class StepConfig:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
+    gradient_checkpointing: bool = False
+    compile_backend: str = "inductor"
 
 
 @dataclass
@@ -154,7 +156,8 @@ class StepResult:
 
     def row(self) -> list[Any]:
         c = self.config
-        head = [c.preset, c.image_size, c.batch, c.micro_batches, c.precision, c.channels_last, c.compile]
+        head = [c.preset, c.image_size, c.batch, c.micro_batches, c.precision, c.channels_last, c.compile,
+                c.gradient_checkpointing]  # fmt: skip
         if self.error:
             return head + [self.error] + [""] * (len(TRAIN_COLUMNS) - len(head) - 1)
         return head + [
@@ -194,9 +197,10 @@ def build_train_step(cfg: StepConfig, device: torch.device, seed: int = 0) -> tu
     check_config(cfg)
     torch.manual_seed(seed)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = MDMUNet.from_preset(cfg.preset).to(device=device, memory_format=fmt).train()
+    model = MDMUNet.from_preset(cfg.preset, use_checkpoint=cfg.gradient_checkpointing)
+    model = model.to(device=device, memory_format=fmt).train()
     n_params = sum(p.numel() for p in model.parameters())
-    net = torch.compile(model) if cfg.compile else model
+    net = torch.compile(model, backend=cfg.compile_backend) if cfg.compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
     nd = PRESETS[cfg.preset]["spatial_dims"]
     loss_fn = reconstruction_loss("ssim", spatial_dims=nd)
@@ -380,6 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format for model and inputs")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument(
+        "--compile-backend", default="inductor",
+        help="torch.compile backend (eager: the same graph capture without code generation, for quick checks)",
+    )  # fmt: skip
+    p.add_argument(
+        "--gradient-checkpointing", action="store_true",
+        help="MDMUNet(use_checkpoint=True): recompute each block's activations in the backward pass",
+    )  # fmt: skip
+    p.add_argument(
         "--micro-batches", type=int, default=1,
         help="split the global batch into N micro-batches with gradient accumulation "
         "(N = batch: the public MDM code's way)",
@@ -420,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configs = [
             StepConfig(
                 args.preset, args.image_size, args.batch, args.micro_batches, args.precision,
-                args.channels_last, args.compile,
+                args.channels_last, args.compile, args.gradient_checkpointing, args.compile_backend,
             )  # fmt: skip
         ]
     try:

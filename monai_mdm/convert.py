@@ -10,10 +10,11 @@ Usage::
 Released checkpoints are bare state dicts: they do not say which architecture, precision or weights (raw or
 EMA) they hold, and a wrong guess shows up only as poor features much later. The converter finds out what it
 can from the file, prints it, checks the weights key by key and shape by shape against the presets (or the
-given config) on the meta device (no memory for weights), and writes one self-describing file::
+given config) on the meta device (no memory for weights), and writes the project's model file
+(``networks.interchange.model_file``)::
 
-    {"network_config": guided-diffusion config, "state_dict": float32 weights, "source": path,
-     "weights": "ema" | "raw", "preset": name or None}
+    {"format": "monai_mdm.unet", "version": 1, "network_config": guided-diffusion config,
+     "model": float32 weights, "source": path, "weights": "ema" | "raw", "preset": name or None}
 
 which :func:`monai_mdm.networks.load_pretrained_unet` reads with ``preset=None``.
 """
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 
 from monai_mdm.networks.interchange import (
+    UNET_FORMAT,
     ArchitectureMatch,
     FoundWeights,
     find_weights,
@@ -41,6 +43,7 @@ from monai_mdm.networks.interchange import (
     guided_diffusion_config_to_kwargs,
     match_architecture,
     mismatch_hints,
+    model_file,
     preset_candidates,
 )
 from monai_mdm.networks.mdm_unet import MDMUNet
@@ -224,15 +227,10 @@ def convert_checkpoint(
 
     network_config = guided_diffusion_config(network, int(image_size) if image_size is not None else None)
     fp32 = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
-    record = {
-        "network_config": network_config,
-        "source": os.path.abspath(src),
-        "weights": weights.kind,
-        "preset": chosen.name if config is None else None,
-    }
-    atomic_torch_save({**record, "state_dict": fp32}, dst)
+    record = {"source": os.path.abspath(src), "weights": weights.kind, "preset": chosen.name if config is None else None}
+    atomic_torch_save(model_file(UNET_FORMAT, network_config, fp32, **record), dst)
     log(f"wrote: {dst}")
-    return record
+    return {"network_config": network_config, **record}
 
 
 def _build_parser() -> argparse.ArgumentParser:

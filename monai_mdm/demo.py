@@ -16,6 +16,7 @@ also sweeps label budgets); this module only chains them with the demo's setting
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import time
 from statistics import fmean, pstdev
@@ -61,8 +62,9 @@ def comparison_table(results: dict[str, dict[int, list[dict]]], budget: dict) ->
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m monai_mdm.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="output folder")
     parser.add_argument("--data", default="demo_data", help="where the synthetic data is written")
     parser.add_argument("--pretrain-iterations", type=int, default=300)
@@ -74,7 +76,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                         help="extra few-shot train.json setting for every model (e.g. --set max_steps=500)")
     args = parser.parse_args(argv)
-    settings = le.parse_settings(args.settings)
+    try:
+        settings = le.parse_settings(args.settings)
+    except ValueError as e:
+        parser.error(str(e))
 
     from monai_mdm.data import glas_datalist
     from monai_mdm.data.budget import budget_count
@@ -112,8 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "comparison.json").write_text(json.dumps(comparison, indent=2))
     (out / "comparison.txt").write_text(table + "\n")
     print(f"\nwritten: {out / 'comparison.json'}, {out / 'label_efficiency.png'}; total {sum(timings.values()):.0f} s")
-    return comparison
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

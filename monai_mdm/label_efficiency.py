@@ -105,7 +105,7 @@ def parse_settings(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"error: --set expects KEY=VALUE (e.g. --set timestep=0), got {item!r}.")
+            raise ValueError(f"--set expects KEY=VALUE (e.g. --set timestep=0), got {item!r}.")
         settings[key] = parse_value(value)
     return settings
 
@@ -127,8 +127,8 @@ def count_training_images(dataset: str, data: Path) -> int:
 def check_budgets(budgets: Sequence[int], available: int, data: Path) -> None:
     bad = [b for b in budgets if b < 1 or b > available]
     if bad:
-        raise SystemExit(
-            f"error: --budgets {bad} cannot be drawn from the {available} labelled training images in '{data}': "
+        raise ValueError(
+            f"--budgets {bad} cannot be drawn from the {available} labelled training images in '{data}': "
             f"each budget must lie in 1..{available}."
         )
 
@@ -272,7 +272,8 @@ def plot(path: Path, summary: Sequence[Mapping[str, Any]], metrics: Sequence[str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m monai_mdm.label_efficiency", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="glas", help="layout and bundle")
     parser.add_argument("--data", type=Path, help="dataset folder in that layout (default: embedded data)")
     parser.add_argument("--pretrained", type=Path, help="pretrained MDM weights (default: pretrain here)")
@@ -290,27 +291,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="extra train.json setting for every run (e.g. --set timestep=0); repeatable")
     parser.add_argument("--out", type=Path, default=Path("runs/label_efficiency"))
     args = parser.parse_args(argv)
-    settings = parse_settings(args.settings)
+    try:
+        settings = parse_settings(args.settings)
+    except ValueError as e:
+        parser.error(str(e))
     if args.pretrained is not None and not args.pretrained.is_file():
-        raise SystemExit(f"error: --pretrained '{args.pretrained}' is not a file.")
+        parser.error(f"--pretrained '{args.pretrained}' is not a file.")
     objectives = list(dict.fromkeys(args.objectives))
     if args.pretrained is not None and len(objectives) > 1:
-        raise SystemExit("error: --pretrained gives the weights of one objective; leave it out to pretrain each of "
-                         f"--objectives {' '.join(objectives)} here.")
+        parser.error("--pretrained gives the weights of one objective; leave it out to pretrain each of "
+                     f"--objectives {' '.join(objectives)} here.")
     if args.data is not None and not args.data.is_dir():
-        raise SystemExit(f"error: --data '{args.data}' is not a folder.")
+        parser.error(f"--data '{args.data}' is not a folder.")
 
     configs = BUNDLES / DATASETS[args.dataset].bundle / "configs"
     overlays = dict.fromkeys(o for m in args.methods for o in METHODS[m].overlays)
     try:  # a typo in --set would otherwise add an unused setting and every run would use the default
         check_overrides([str(configs / f) for f in ("train.json", *overlays)], settings)
     except UnknownSettingError as e:
-        raise SystemExit(f"error: --set: {e}") from None
+        parser.error(f"--set: {e}")
 
     started = time.time()
     out = args.out
     data = args.data or write_embedded_data(args.dataset, out / "data", args.data_seed)
-    check_budgets(args.budgets, count_training_images(args.dataset, data), data)
+    try:
+        check_budgets(args.budgets, count_training_images(args.dataset, data), data)
+    except ValueError as e:
+        parser.error(str(e))
     pretrained: dict[str, Path] = {}
     for objective in objectives:
         if args.pretrained is not None:

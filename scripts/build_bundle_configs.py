@@ -37,9 +37,10 @@ RECIPES = {
     "multi_gpu_train.json": ["multi_gpu_train.json"],
     "inference.json": ["inference.json"],
     "train_unet.json": ["online_features.json", "train_unet.json"],
+    "inference_wsi.json": ["inference_wsi.json"],
 }
-OPTIONAL = {"train_unet.json"}  # written only for bundles whose layer has a section for it
-COMPLETE = {"train.json", "inference.json"}  # the others are overlays, run after train.json
+OPTIONAL = {"train_unet.json", "inference_wsi.json"}  # written only for bundles whose layer has a section for it
+COMPLETE = {"train.json", "inference.json", "inference_wsi.json"}  # the others are overlays, run after train.json
 LOGGING_ONLY = ["mdm_pretrain"]  # bundles that take only logging.conf from the layers
 WIDTH = 100  # a list of plain values longer than this is written one value per line
 

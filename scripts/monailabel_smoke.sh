@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# End-to-end check of a few-shot bundle in MONAI Label's bundle app ("monaibundle"), offline, on 127.0.0.1.
+# End-to-end check of a few-shot bundle in MONAI Label's bundle app ("monaibundle"), offline, on 127.0.0.1:
+# inference, then the labelling loop: labels for 3 images saved through the datastore API, POST /train (a
+# second POST while it runs is refused), the new model served, its mask checked.
 #
 # Usage: scripts/monailabel_smoke.sh [MODEL_PT]
 #   MODEL_PT  a trained models/model.pt of $BUNDLE; without it a tiny GlaS model is trained on synthetic data.
@@ -9,6 +11,7 @@
 #   MONAILABEL_VENV  virtual environment to use or create (default ~/.cache/monai_mdm/monailabel-venv)
 #   PYTHON           interpreter that creates it (default python3)
 #   KEEP_WORK=1      keep the temporary folder (data, app, server log, returned mask)
+#   TRAIN_EPOCHS     max_epochs of the training request (default 8 of epoch_length=25 head steps, as in step 2)
 #
 # MONAI Label imports torchvision, which has no build for the CPU torch 2.13.0 this project otherwise pins,
 # so its venv gets torch 2.14.1 + torchvision 0.29.1 (several GB, minutes on the first run).
@@ -63,7 +66,7 @@ if [[ -z $MODEL ]]; then
     say "pretraining the tiny MDM (20 iterations)"
     (cd "$REPO" && "$PY" -m monai.bundle run --config_file bundles/mdm_pretrain/configs/train.json \
         --dataset_dir "$GLAS" --output_dir "$WORK/pretrain" --max_iterations 20 --batch_size 4 \
-        --image_size 48 --save_interval 20 --grid_interval 0 --progress_bar false --num_workers 0 > "$WORK/pretrain.log" 2>&1) \
+        --image_size 48 --save_interval 20 --grid_interval 0 --progress_bar False --num_workers 0 > "$WORK/pretrain.log" 2>&1) \
         || { tail -20 "$WORK/pretrain.log"; fail "pretraining"; }
     say "training the few-shot head (2 labelled images)"
     (cd "$REPO" && "$PY" -m monai.bundle run --config_file bundles/mdm_glas_fewshot/configs/train.json \
@@ -86,15 +89,18 @@ IMAGE=${IMAGE:-$GLAS/testA_1.bmp}
 [[ -f $IMAGE ]] || fail "image '$IMAGE' not found"
 mkdir -p "$WORK/studies"
 cp "$IMAGE" "$WORK/studies/"
+LABELLED=(train_1 train_2 train_3)  # labelled in step 6
+for name in "${LABELLED[@]}"; do cp "$GLAS/$name.bmp" "$WORK/studies/"; done
 
-# 4. The server, offline: a local bundle (no model-zoo look-up), no SAM2 model, no trainers, no scoring.
+# 4. The server, offline: a local bundle (no model-zoo look-up), no SAM2 model, the bundle's trainer on.
 PORT=$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 say "starting monailabel on 127.0.0.1:$PORT"
 # the studies folder lists only MONAI_LABEL_DATASTORE_FILE_EXT files, whose default has no *.bmp (GlaS)
 export MONAI_LABEL_DATASTORE_FILE_EXT='["*.bmp", "*.png", "*.jpg", "*.tif", "*.tiff"]'
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # the server and the training it starts
 (cd "$WORK" && exec "$VENV/bin/monailabel" start_server --app "$APP" --studies "$WORK/studies" \
     --host 127.0.0.1 --port "$PORT" \
-    --conf models "$BUNDLE" --conf zoo_source github --conf sam2 false --conf skip_trainers true \
+    --conf models "$BUNDLE" --conf zoo_source github --conf sam2 false \
     --conf preload false > "$WORK/server.log" 2>&1) &
 SERVER_PID=$!
 
@@ -110,6 +116,8 @@ info = json.load(open(sys.argv[1]))
 model = info["models"].get(sys.argv[2])
 assert model, f"{sys.argv[2]} not among the server's models {sorted(info['models'])}"
 print("server models:", sorted(info["models"]), "| labels:", model["labels"], "| dimension:", model["dimension"])
+assert sys.argv[2] in info.get("trainers", {}), f"no trainer for {sys.argv[2]}: {sorted(info.get('trainers', {}))}"
+print("server trainers:", sorted(info["trainers"]))
 EOF
 
 # 5. Inference: the image is uploaded, the mask comes back as a file of the same format.
@@ -124,7 +132,8 @@ curl -sf -X POST "http://127.0.0.1:$PORT/infer/$BUNDLE?image=$STEM&output=image"
     || { tail -40 "$WORK/server.log"; fail "inference request by image id"; }
 cmp -s "$WORK/mask$EXT" "$WORK/mask_by_id$EXT" || fail "uploaded and studies-folder requests gave different masks"
 
-"$PY" - "$IMAGE" "$WORK/mask$EXT" "$WORK/info.json" "$BUNDLE" <<'EOF'
+check_mask() {  # IMAGE MASK: the mask has the image's size, label values only, and is no single class
+"$PY" - "$1" "$2" "$WORK/info.json" "$BUNDLE" <<'EOF'
 import json, sys
 from pathlib import Path
 import numpy as np
@@ -149,4 +158,64 @@ if anno.is_file():  # the synthetic GlaS truth: how good the tiny model is, for 
     dice = 2 * (truth & (mask > 0)).sum() / (truth.sum() + (mask > 0).sum())
     print(f"Dice against the synthetic truth {dice:.3f}")
 EOF
-say "PASS: $BUNDLE served by MONAI Label returned a plausible mask of the image's size"
+}
+check_mask "$IMAGE" "$WORK/mask$EXT"
+say "inference PASS: $BUNDLE served by MONAI Label returned a plausible mask of the image's size"
+
+# 6. Labels for 3 images, as a viewer saves them: PUT /datastore/label, one class index per pixel (PNG).
+"$PY" - "$GLAS" "$WORK/labels" "${LABELLED[@]}" <<'EOF'
+import sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+
+glas, out = Path(sys.argv[1]), Path(sys.argv[2])
+out.mkdir(parents=True, exist_ok=True)
+for name in sys.argv[3:]:
+    gland = (np.asarray(Image.open(glas / f"{name}_anno.bmp")) > 0).astype(np.uint8)
+    Image.fromarray(gland).save(out / f"{name}.png")
+EOF
+for name in "${LABELLED[@]}"; do
+    curl -sf -X PUT "http://127.0.0.1:$PORT/datastore/label?image=$name&tag=final" \
+        -F "label=@$WORK/labels/$name.png" -o /dev/null || { tail -40 "$WORK/server.log"; fail "saving the label of $name"; }
+done
+say "saved labels of ${LABELLED[*]}"
+
+# 7. Training from the labels: POST /train/<model>, a second POST while it runs, poll until it ends.
+MODEL_PT=$APP/model/$BUNDLE/models/model.pt
+BEFORE=$(sha256sum "$MODEL_PT" | cut -c1-16)
+PARAMS="{\"device\": \"cpu\", \"max_epochs\": ${TRAIN_EPOCHS:-8}, \"val_split\": 0.2}"
+say "POST /train/$BUNDLE $PARAMS"
+TRAIN_START=$(date +%s)
+curl -sf -X POST "http://127.0.0.1:$PORT/train/$BUNDLE" -H "Content-Type: application/json" -d "$PARAMS" \
+    -o "$WORK/train.json" || { tail -40 "$WORK/server.log"; fail "training request"; }
+CODE=$(curl -s -o "$WORK/train_again.json" -w "%{http_code}" -X POST "http://127.0.0.1:$PORT/train/$BUNDLE" \
+    -H "Content-Type: application/json" -d "$PARAMS")
+echo "a second POST /train while training: HTTP $CODE $(cat "$WORK/train_again.json")"
+[[ $CODE == 429 ]] && grep -q "Already Running" "$WORK/train_again.json" \
+    || fail "a second training request was not refused (HTTP $CODE)"
+STATUS=""
+for _ in $(seq 1 450); do
+    curl -sf "http://127.0.0.1:$PORT/train/" -o "$WORK/train_status.json" || true
+    STATUS=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1])).get('status', ''))" \
+        "$WORK/train_status.json" 2>/dev/null || true)
+    [[ $STATUS == DONE || $STATUS == ERROR || $STATUS == STOPPED ]] && break
+    sleep 2
+done
+"$PY" - "$WORK/train_status.json" <<'EOF'
+import json, sys
+task = json.load(open(sys.argv[1]))
+print(f"training {task.get('status')}; last lines of its log:")
+for line in task.get("details", [])[-6:]:
+    print("   ", str(line).rstrip()[-160:])
+EOF
+[[ $STATUS == DONE ]] || { tail -60 "$WORK/server.log"; fail "training ended with status '${STATUS:-none}'"; }
+say "training DONE in $(( $(date +%s) - TRAIN_START ))s"
+[[ $(sha256sum "$MODEL_PT" | cut -c1-16) != "$BEFORE" ]] || fail "training did not replace $MODEL_PT"
+
+# 8. The new model serves: the same image again, its mask checked as before.
+say "POST /infer/$BUNDLE?image=$STEM with the new model"
+curl -sf -X POST "http://127.0.0.1:$PORT/infer/$BUNDLE?image=$STEM&output=image" -o "$WORK/mask_trained$EXT" \
+    || { tail -40 "$WORK/server.log"; fail "inference request with the new model"; }
+check_mask "$IMAGE" "$WORK/mask_trained$EXT"
+say "PASS: labels saved in MONAI Label trained $BUNDLE, and the new model returned a plausible mask"

@@ -28,3 +28,17 @@ def tiny_pretrained(demo_data, tmp_path_factory) -> Path:
         output_dir=str(out), max_iterations=2, image_size=32, batch_size=2, num_workers=0, progress_bar=False,
         grid_interval=0)  # fmt: skip
     return out / "models"
+
+
+@pytest.fixture(scope="session")
+def tiny_glas_model(demo_data, tiny_pretrained, tmp_path_factory) -> Path:
+    """A tiny GlaS segmenter (64 px crops, 10 head steps) written by the bundle's train.json: ``model.pt``."""
+    from monai.bundle import run
+
+    from helpers import BUNDLES
+
+    out = tmp_path_factory.mktemp("glas_head")
+    run(config_file=str(BUNDLES / "mdm_glas_fewshot" / "configs" / "train.json"), dataset_dir=str(demo_data["glas"]),
+        output_dir=str(out), pretrained_weights=str(tiny_pretrained / "model_ema.pt"), label_budget=2,
+        crop_size=64, crops_per_image=4, max_steps=10, epoch_length=2, warmup_epochs=0)  # fmt: skip
+    return out / "models" / "model.pt"

@@ -1,5 +1,5 @@
 """Data sets: readers for GlaS, MoNuSeg, the face sets and NIfTI volumes, embedded synthetic demo data, and the
-few-shot head's data (the feature cache and the held-out split)."""
+few-shot head's data (the feature cache and the held-out split), whole-slide reading and label pyramids."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ _EXPORTS = {
     "FFHQ34_CLASSES": "faces",
     "FeatureCache": "feature_cache",
     "ResumableShuffleSampler": "sampler",
+    "SLIDE_BACKENDS": "wsi",
+    "SyntheticSlide": "synthetic_slide",
+    "TiffSlideReader": "wsi",
     "budget_count": "budget",
     "budget_record": "budget",
     "check_volume": "volumes",
@@ -32,6 +35,7 @@ _EXPORTS = {
     "monuseg_datalist": "monuseg",
     "natural_sort_key": "folder",
     "nifti_folder_datalist": "volumes",
+    "open_slide": "wsi",
     "preprocessed_datalist": "preprocessed",
     "rasterize_monuseg_xml": "monuseg",
     "read_class_map": "faces",
@@ -39,15 +43,20 @@ _EXPORTS = {
     "read_instance_map": "instances",
     "read_monuseg_polygons": "monuseg",
     "select_labelled": "budget",
+    "select_level": "wsi",
+    "slide_reader_class": "wsi",
     "synthesize_tile": "synthetic",
     "synthesize_volume": "volumes",
+    "tissue_mask": "wsi",
     "volume_datalist": "volumes",
     "write_demo_data": "synthetic",
     "write_geojson": "instance_export",
     "write_glas": "synthetic",
+    "write_label_pyramid": "wsi",
     "write_label_tiff": "instance_export",
     "write_monuseg": "synthetic",
     "write_nucleus_instances": "instance_export",
+    "write_synthetic_slide": "synthetic_slide",
     "write_volumes": "volumes",
 }
 

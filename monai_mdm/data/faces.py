@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from monai_mdm.data.folder import files_by_stem, natural_sort_key
-from monai_mdm.data.instances import image_size
+from monai_mdm.data.instances import image_size, read_raster
 
 __all__ = [
     "CELEBA19_CLASSES",
@@ -147,10 +147,11 @@ def read_class_map(
     ignore_index: int = 255,
     image: str | os.PathLike | None = None,
 ) -> np.ndarray:
-    """One ``.npy`` class map as an (H, W) integer array, checked against ``num_classes`` and its image's size.
+    """One class map as an (H, W) integer array, checked against ``num_classes`` and its image's size.
 
-    A leading singleton axis ((1, H, W)) is accepted. Values must be integers in ``0..num_classes-1`` or
-    ``ignore_index``.
+    ``.npy`` (the face sets), or a label image as MONAI Label saves them (PNG, BMP, TIFF: one class index per
+    pixel; grey stored as RGB is read as grey). A leading singleton axis ((1, H, W)) is accepted. Values must
+    be integers in ``0..num_classes-1`` or ``ignore_index``.
     """
     path = Path(path)
     if not path.is_file():
@@ -158,10 +159,20 @@ def read_class_map(
         raise FileNotFoundError(
             f"{what}. The face layout needs '<n>.npy' next to each '<n>.png'; add the map or remove the image."
         )
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except Exception as e:  # np.load raises ValueError/OSError/EOFError on damaged files
-        raise ValueError(f"cannot read class map '{path}' ({e}); replace it.") from e
+    if path.suffix.lower() == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except Exception as e:  # np.load raises ValueError/OSError/EOFError on damaged files
+            raise ValueError(f"cannot read class map '{path}' ({e}); replace it.") from e
+    else:
+        arr = read_raster(path)
+        if arr.ndim == 3 and arr.shape[-1] in (3, 4) and (arr[..., :3] == arr[..., :1]).all():
+            arr = arr[..., 0]  # grey written as RGB(A)
+        elif arr.ndim == 3 and arr.shape[-1] in (3, 4):
+            raise ValueError(
+                f"class map '{path}' is a colour image; expected one class index per pixel (a grey or palette "
+                "image, as MONAI Label saves labels)."
+            )
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 2:

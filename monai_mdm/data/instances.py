@@ -48,8 +48,9 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         raise ValueError(f"cannot read image '{path}' ({e}); replace or remove it.") from e
 
 
-def _read_raster(path: Path) -> np.ndarray:
+def read_raster(path: Path) -> np.ndarray:
     """Pixel array of a label image: (H, W) or (H, W, C)."""
+    path = Path(path)
     if path.suffix.lower() == ".npy":
         return np.load(path, allow_pickle=False)
     if path.suffix.lower() in _TIFF_SUFFIXES:
@@ -155,7 +156,7 @@ def read_instance_map(
         inst = rasterize_monuseg_xml(path, expected)
         return (ndi.label(inst > 0, structure=np.ones((3, 3)))[0].astype(np.int32)) if binarize else inst
 
-    arr = _read_raster(path)
+    arr = read_raster(path)
     if binarize and arr.ndim == 3 and arr.shape[-1] in (3, 4):
         arr = (arr[..., :3] > 0).any(axis=-1)  # any coloured pixel is foreground
     arr = _to_single_channel(arr, path)

@@ -26,6 +26,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import sys
 import io
 import os
 from collections.abc import Mapping, Sequence
@@ -1339,4 +1340,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

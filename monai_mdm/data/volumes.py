@@ -20,6 +20,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import logging
 import os
@@ -400,4 +401,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -8,14 +8,17 @@ from .tracking import (
     LogArtifacts,
     LogSegmentationModel,
     LogSettings,
+    MLflowLink,
     SetTrackedLoss,
     check_tracking_uri,
     log_artifact,
     log_metrics,
     mlflow_handlers,
     save_mlflow_model,
+    with_mlflow_link,
 )
 from .dice_report import DiceReport
+from .timing import IterationTimes
 
 __all__ = [
     "CheckTrackingServer",
@@ -23,12 +26,14 @@ __all__ = [
     "DiceReport",
     "EMA",
     "HeldOutEarlyStopping",
+    "IterationTimes",
     "NucleusInstanceWriter",
     "SaveModel",
     "SegmentationReport",
     "LogArtifacts",
     "LogSegmentationModel",
     "LogSettings",
+    "MLflowLink",
     "PublishWhenComplete",
     "RandomStates",
     "ReconstructionGridSaver",
@@ -45,4 +50,5 @@ __all__ = [
     "mlflow_handlers",
     "reconstruction_grid",
     "save_mlflow_model",
+    "with_mlflow_link",
 ]

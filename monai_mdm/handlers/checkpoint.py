@@ -16,6 +16,7 @@ from ignite.engine import Engine, Events
 from monai.transforms import Randomizable, Transform
 
 from monai_mdm.distributed import all_gather_objects
+from monai_mdm.networks.interchange import UNET_FORMAT, model_file
 from monai_mdm.utils import atomic_torch_save, load_torch_file, prepare_output_folder
 
 logger = logging.getLogger(__name__)
@@ -122,9 +123,9 @@ class TrainingCheckpoint:
         final_models: name in ``save_dict`` -> file name written when training completes.
         describe: optional object whose ``describe(engine, module=None)`` returns what the run has done so far
             (e.g. the :class:`~monai_mdm.handlers.EMA` handler: iteration and EMA state). Each checkpoint then
-            holds it under ``"pretraining"``, and each final model is written self-describing as
-            ``{"state_dict", "network_config", "pretraining"}`` (``network_config`` for networks that have
-            ``to_guided_diffusion_config``), which ``load_pretrained_unet`` and ``load_pretrained`` read.
+            holds it under ``"pretraining"``. A final UNet model (a network with ``to_guided_diffusion_config``)
+            is written in the project's model-file layout (``networks.interchange.model_file``: its config, its
+            weights under ``"model"``, the record under ``"pretraining"``), which ``load_pretrained`` reads.
         record: fixed entries added to that record (the pretraining bundle's ``{"objective": ...}``, the
             objective that trains the network). Resuming a checkpoint whose record names another objective is
             refused before anything is loaded; checkpoints without an objective entry were MDM's.
@@ -197,10 +198,11 @@ class TrainingCheckpoint:
             obj = self.save_dict[name]
             state = _state_dict(obj)
             described = self._describe(engine, obj)
-            if described is not None:
+            if hasattr(obj, "to_guided_diffusion_config"):  # the UNet: the project's model-file layout
+                extra = {} if described is None else {"pretraining": described}
+                state = model_file(UNET_FORMAT, obj.to_guided_diffusion_config(), state, **extra)
+            elif described is not None:
                 state = {"state_dict": state, "pretraining": described}
-                if hasattr(obj, "to_guided_diffusion_config"):
-                    state["network_config"] = obj.to_guided_diffusion_config()
             atomic_torch_save(state, self.save_dir / filename)
 
     def _describe(self, engine: Engine, module: Any = None) -> dict[str, Any] | None:

@@ -25,12 +25,20 @@ _PALETTE = np.array(
 
 
 def overlay(image: np.ndarray, classes: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """Colour the non-background classes of ``classes`` (H, W) over ``image`` (H, W, 3)."""
-    colours = _PALETTE[np.asarray(classes) % len(_PALETTE)]
-    out = image.astype(np.float32)
-    fg = np.asarray(classes) > 0
-    out[fg] = (1 - alpha) * out[fg] + alpha * colours[fg]
-    return out.astype(np.uint8)
+    """Colour the non-background classes of ``classes`` (H, W) over ``image`` (H, W, 3) with MONAI's
+    ``blend_images``; class ``c`` takes palette colour ``c`` (past the palette's end the class colours repeat),
+    given to the colour map as the centre of that colour's bin."""
+    from matplotlib.colors import ListedColormap
+    from monai.visualize import blend_images
+
+    c = np.asarray(classes).astype(np.int64)
+    k = np.where(c > 0, 1 + (c - 1) % (len(_PALETTE) - 1), 0)
+    label = np.where(k > 0, (k + 0.5) / len(_PALETTE), 0.0)[None]  # 0 stays transparent
+    blended = blend_images(
+        np.moveaxis(image, -1, 0).astype(np.float64) / 255.0, label, alpha=alpha,
+        cmap=ListedColormap(_PALETTE / 255.0), rescale_arrays=False, transparent_background=True,
+    )  # fmt: skip
+    return (np.moveaxis(blended, 0, -1) * 255.0 + 0.5).astype(np.uint8)
 
 
 def overlay_panel(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, gap: int = 4) -> np.ndarray:

@@ -12,8 +12,10 @@ import importlib.util
 import os
 import re
 import tempfile
+import time
 import urllib.error
 import urllib.request
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,21 +26,39 @@ from ignite.engine import Engine, Events
 from monai_mdm.distributed import all_gather_objects
 
 
-def mlflow_handlers(engine: Engine) -> list:
-    """MONAI ``MLFlowHandler`` objects attached to ``engine``.
+# engine -> the MLFlowHandler objects in its handler list (filled by MLflowLink.attach, see with_mlflow_link)
+_LINKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    ``--tracking`` inserts its handler into the bundle at run time, so other handlers cannot be given a
-    reference to it in the config; it is found among the engine's registered callbacks instead.
+
+def with_mlflow_link(handlers: Sequence[Any]) -> list:
+    """``handlers`` and, last, an :class:`MLflowLink` to the MONAI ``MLFlowHandler`` objects among them.
+
+    ``--tracking mlflow`` appends its handler to the bundle's handler list at run time, without a config id,
+    so the handlers here cannot be given a reference to it in the config. The engine's list passes through
+    this function instead (``"train_handlers": "$monai_mdm.handlers.with_mlflow_link(@train#handlers)"``),
+    which sees the whole list, the appended handler included.
     """
     from monai.handlers import MLFlowHandler
 
-    found = []
-    for callbacks in getattr(engine, "_event_handlers", {}).values():
-        for entry in callbacks:
-            owner = getattr(entry[0], "__self__", None)
-            if isinstance(owner, MLFlowHandler) and owner not in found:
-                found.append(owner)
-    return found
+    handlers = list(handlers or [])
+    return [*handlers, MLflowLink([h for h in handlers if isinstance(h, MLFlowHandler)])]
+
+
+class MLflowLink:
+    """Record, for the engine it is attached to, which ``MLFlowHandler`` objects that engine has."""
+
+    def __init__(self, trackers: Sequence[Any]) -> None:
+        self.trackers = list(trackers)
+
+    def attach(self, engine: Engine) -> None:
+        # the engine attaches every handler when it is built, so the link exists before STARTED
+        _LINKED[engine] = self.trackers
+
+
+def mlflow_handlers(engine: Engine) -> list:
+    """MONAI ``MLFlowHandler`` objects of ``engine`` (none when tracking is off or its handler list was not
+    passed through :func:`with_mlflow_link`)."""
+    return list(_LINKED.get(engine, []))
 
 
 def _active(engine: Engine) -> list:
@@ -63,8 +83,14 @@ def log_metrics(engine: Engine, metrics: Mapping[str, float], step: int | None =
     import math
 
     clean = {_metric_key(k): float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+    if not clean:
+        return
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    entries = [Metric(k, v, stamp, step or 0) for k, v in clean.items()]
     for handler in _active(engine):
-        handler._log_metrics(clean, step=step)
+        handler.client.log_batch(handler.cur_run.info.run_id, metrics=entries)
 
 
 def _metric_key(name: str) -> str:
@@ -94,8 +120,11 @@ class LogSettings:
         if self._done:
             return
         configs = sorted(self.config_dir.glob("config_*.json")) if self.config_dir is not None else []
+        from mlflow.entities import Param
+
+        params = [Param(k, str(v)[:500]) for k, v in self.settings.items()]
         for handler in _active(engine):
-            handler._log_params({k: str(v)[:500] for k, v in self.settings.items()})
+            handler.client.log_batch(handler.cur_run.info.run_id, params=params)
             if configs:
                 handler.client.log_artifact(handler.cur_run.info.run_id, str(configs[-1]), "config")
         self._done = True

@@ -9,25 +9,25 @@ from typing import Any
 import torch
 from monai.utils import optional_import
 
-from monai_mdm.inferers.segmenter import MDMSegmenter
+from monai_mdm.inferers.segmenter import SEGMENTER_FORMAT, MDMSegmenter
+from monai_mdm.networks.interchange import UNET_FORMAT, check_model_file, model_file
 from monai_mdm.utils import atomic_torch_save, load_torch_file
 
-_BASELINE_FORMAT = "monai_mdm.baseline"
+BASELINE_FORMAT = "monai_mdm.baseline"
 
 
 def save_segmentation_model(model: torch.nn.Module, path: str | os.PathLike, config: Mapping[str, Any] | None = None):
     """Write ``model`` so that :func:`load_segmentation_model` can rebuild it from the file alone.
 
-    An :class:`MDMSegmenter` stores its own settings; any other network (the supervised baseline) is
-    stored as its ``_target_`` class path, the constructor ``config`` and its weights under ``"model"``.
+    An :class:`MDMSegmenter` stores its own settings; any other network (the supervised baseline) is stored
+    in the same model-file layout with a MONAI ``_target_`` config: its class path and constructor ``config``.
     """
     if isinstance(model, MDMSegmenter):
         return model.save(path)
     if config is None:
         raise ValueError(f"saving {type(model).__name__} to '{path}' needs its constructor settings (config=).")
-    target = f"{type(model).__module__}.{type(model).__qualname__}"
-    state = {"format": _BASELINE_FORMAT, "target": target, "config": dict(config), "model": model.state_dict()}
-    return atomic_torch_save(state, path)
+    network_config = {"_target_": f"{type(model).__module__}.{type(model).__qualname__}", **dict(config)}
+    return atomic_torch_save(model_file(BASELINE_FORMAT, network_config, model.state_dict()), path)
 
 
 def load_segmentation_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> torch.nn.Module:
@@ -40,18 +40,23 @@ def load_segmentation_model(path: str | os.PathLike, map_location: str | torch.d
         )
     state = load_torch_file(path, "trained model", "Fix: point --model_path at a complete model.pt written by the "
                             "bundle's training (train again, or copy it again if it was damaged).", weights_only=False)
-    if isinstance(state, Mapping) and state.get("format") == _BASELINE_FORMAT:
-        module_name, _, cls_name = state["target"].rpartition(".")
+    source = f"model '{path}'"
+    if check_model_file(state, source, [BASELINE_FORMAT]):
+        # files of the first layout held the class path and its settings as "target" and "config"
+        config = dict(state.get("network_config") or {"_target_": state["target"], **state["config"]})
+        target = config.pop("_target_")
+        module_name, _, cls_name = target.rpartition(".")
         cls, found = optional_import(module_name, name=cls_name)
         if not found:
-            raise ValueError(f"model '{path}' needs {state['target']}, which cannot be imported.")
-        model = cls(**state["config"])
+            raise ValueError(f"{source} needs {target}, which cannot be imported.")
+        model = cls(**config)
         model.load_state_dict(state["model"])
-    elif isinstance(state, Mapping) and "features" in state and "head" in state:
+    elif check_model_file(state, source, [SEGMENTER_FORMAT]):
         model = MDMSegmenter.from_state(state, source=str(path))
     else:
-        raise ValueError(
-            f"'{path}' is not a monai_mdm segmentation model (no MDM segmenter or baseline format found); "
-            "it may be a pretraining checkpoint: point --pretrained_weights at it instead."
-        )
+        hint = ("it is a pretrained UNet: point --pretrained_weights at it instead"
+                if check_model_file(state, source, [UNET_FORMAT]) else
+                "it may be a pretraining checkpoint: point --pretrained_weights at it instead")  # fmt: skip
+        raise ValueError(f"'{path}' is not a monai_mdm segmentation model (no MDM segmenter or baseline format "
+                         f"found); {hint}.")  # fmt: skip
     return model.to(map_location).eval()

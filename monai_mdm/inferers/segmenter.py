@@ -22,6 +22,7 @@ from monai.inferers import SlidingWindowInferer
 from torch import nn
 
 from monai_mdm.networks.features import MDMFeatureExtractor
+from monai_mdm.networks.interchange import check_model_file, model_file
 from monai_mdm.networks.mdm_unet import MDMUNet
 from monai_mdm.networks.pixel_head import PixelHeadEnsemble, PixelMLPHead
 from monai_mdm.transforms.corruption import Corruption, GaussianNoise, PatchMasking
@@ -29,8 +30,7 @@ from monai_mdm.utils import atomic_torch_save, guard_traced_size, load_torch_fil
 
 __all__ = ["MDMSegmenter", "make_sliding_window_inferer"]
 
-_FORMAT = "monai_mdm.segmenter"
-_VERSION = 1
+SEGMENTER_FORMAT = "monai_mdm.segmenter"
 _UNSET = object()
 
 
@@ -176,12 +176,11 @@ class MDMSegmenter(nn.Module):
         """
         ex = self.extractor
         weights = {k: v.detach().cpu() for k, v in self.state_dict().items()}
-        return {
-            "format": _FORMAT,
-            "version": _VERSION,
-            "network_config": ex.network.to_guided_diffusion_config(),
-            "model": weights if include_network else None,
-            "features": {
+        return model_file(
+            SEGMENTER_FORMAT,
+            ex.network.to_guided_diffusion_config(),
+            weights if include_network else None,
+            features={
                 "blocks": list(ex.blocks),
                 "timestep": ex.timestep,
                 "seed": ex.seed,
@@ -190,11 +189,11 @@ class MDMSegmenter(nn.Module):
                 "out_channels": ex.out_channels,
                 "finetuned": self.finetuned or ex.trainable,
             },
-            "head": self.head.config(),
-            "head_state": {k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")},
-            "class_names": self.class_names,
-            "pretraining": self.pretraining,
-        }
+            head=self.head.config(),
+            head_state={k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")},
+            class_names=self.class_names,
+            pretraining=self.pretraining,
+        )
 
     def save(self, path: str | os.PathLike, include_network: bool = True) -> None:
         """Write :meth:`to_state` atomically. ``include_network=False`` leaves out the UNet weights (1.2 GB for the
@@ -218,10 +217,8 @@ class MDMSegmenter(nn.Module):
             feature_overrides: replace stored feature settings: ``blocks``, ``timestep``, ``seed``, ``normalize``,
                 ``corruption``.
         """
-        if state.get("format") != _FORMAT:
+        if not check_model_file(state, source, [SEGMENTER_FORMAT]):
             raise ValueError(f"{source} is not an MDMSegmenter file (format {state.get('format')!r}).")
-        if int(state.get("version", 0)) > _VERSION:
-            raise ValueError(f"{source} was written by a newer monai_mdm (version {state['version']}).")
         unknown = set(feature_overrides) - {"blocks", "timestep", "seed", "normalize", "corruption"}
         if unknown:
             raise TypeError(f"unknown feature settings {sorted(unknown)}.")

@@ -20,21 +20,65 @@ from monai_mdm.utils import load_torch_file
 
 __all__ = [
     "AUTO_EMA_MAX_INIT_WEIGHT",
+    "MODEL_FILE_VERSION",
+    "UNET_FORMAT",
     "WEIGHT_CHOICES",
     "ArchitectureMatch",
     "FoundWeights",
     "find_weights",
     "guided_diffusion_config",
     "guided_diffusion_config_to_kwargs",
+    "check_model_file",
     "load_pretrained",
     "load_pretrained_unet",
     "match_architecture",
     "mismatch_hints",
+    "model_file",
     "preset_candidates",
     "unet_from_guided_diffusion",
 ]
 
 logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------- the model-file layout
+
+MODEL_FILE_VERSION = 1
+UNET_FORMAT = "monai_mdm.unet"  # a UNet alone: pretraining's model.pt / model_ema.pt, the converter's output
+
+
+def model_file(file_format: str, network_config: Mapping[str, Any], model: Mapping[str, Any], **metadata: Any) -> dict:
+    """The one layout of every model file the project writes (UNet, segmenter, supervised baseline).
+
+    ``format`` and ``version`` say what the file is; ``network_config`` how to build the network (a
+    guided-diffusion config for the UNet, a MONAI ``_target_`` config for other networks); ``model`` its
+    weights, under the key MONAI bundles and MONAI Label read from ``models/model.pt``; ``metadata`` what
+    produced it (e.g. the pretraining record, the converter's source), as top-level entries.
+    """
+    reserved = {"format", "version"} & set(metadata)  # network_config and model are parameters
+    if reserved:
+        raise ValueError(f"model-file metadata cannot be named {sorted(reserved)}.")
+    return {"format": file_format, "version": MODEL_FILE_VERSION, "network_config": dict(network_config),
+            "model": model, **metadata}  # fmt: skip
+
+
+def check_model_file(state: Any, source: str, formats: Sequence[str]) -> bool:
+    """Whether ``state`` is a model file of one of ``formats``; refuse one written by a newer monai_mdm."""
+    if not isinstance(state, Mapping) or state.get("format") not in formats:
+        return False
+    if int(state.get("version", 0)) > MODEL_FILE_VERSION:
+        raise ValueError(
+            f"{source} was written by a newer monai_mdm (model-file version {state['version']}, this one reads up "
+            f"to {MODEL_FILE_VERSION}): upgrade monai_mdm to read it."
+        )
+    return True
+
+
+def _unet_weights(state: Any) -> Mapping[str, Any] | None:
+    """The UNet weights of a self-describing UNet file (``model``; ``state_dict`` in files of earlier versions)."""
+    if not isinstance(state, Mapping):
+        return None
+    weights = state.get("model") if state.get("format") == UNET_FORMAT else state.get("state_dict")
+    return weights if isinstance(weights, Mapping) else None
 
 # ---------------------------------------------------------------------------------------- guided-diffusion configs
 
@@ -84,7 +128,8 @@ def guided_diffusion_config_to_kwargs(config: Mapping[str, Any]) -> dict[str, An
     ``UNetModel`` takes); given as a string such as ``"32,16,8"`` it is read as pixel resolutions (the
     command-line form) and converted with ``image_size // res``. An empty ``channel_mult`` takes
     guided-diffusion's default for ``image_size``. ``learn_sigma`` doubles ``out_channels``. Missing keys
-    take guided-diffusion's script defaults. Diffusion-only keys (noise schedule etc.) are ignored.
+    take guided-diffusion's script defaults. ``use_checkpoint`` (gradient checkpointing) is kept: it changes memory,
+    not the weights or the function. Diffusion-only keys (noise schedule etc.) are ignored.
     """
     cfg = dict(config)
     if cfg.get("class_cond", False) or cfg.get("num_classes") is not None:
@@ -118,6 +163,7 @@ def guided_diffusion_config_to_kwargs(config: Mapping[str, Any]) -> dict[str, An
         resblock_updown=bool(cfg.get("resblock_updown", False)),
         conv_resample=bool(cfg.get("conv_resample", True)),
         num_timesteps=int(cfg.get("diffusion_steps", 1000)),
+        use_checkpoint=bool(cfg.get("use_checkpoint", False)),
     )
 
 
@@ -148,6 +194,7 @@ def guided_diffusion_config(network: MDMUNet, image_size: int | None = None) -> 
         learn_sigma=False,
         class_cond=False,
         diffusion_steps=network.num_timesteps,
+        use_checkpoint=network.use_checkpoint,
     )
     return cfg
 
@@ -472,17 +519,19 @@ def _read_weights(path: Path) -> Any:
 
 def _unet_from_loaded(state: Any, path: Path, preset: str | None, overrides: Mapping[str, Any]) -> MDMUNet:
     """``load_pretrained_unet`` after reading the file: build the network and load ``state`` into it."""
+    check_model_file(state, f"pretrained weights '{path}'", [UNET_FORMAT])
     stored = state.get("network_config") if isinstance(state, Mapping) else None
+    weights = _unet_weights(state)
     if preset:
         config = guided_diffusion_config(MDMUNet.from_preset(preset, **overrides))
         what = f"preset '{preset}'"
-    elif isinstance(stored, Mapping) and isinstance(state.get("state_dict"), Mapping):
+    elif isinstance(stored, Mapping) and weights is not None:
         config = stored
         if overrides:
             kwargs = {**guided_diffusion_config_to_kwargs(stored), **overrides}
             with torch.device("meta"):  # only the settings are needed, not a second copy of the weights
                 config = guided_diffusion_config(MDMUNet(**kwargs))
-        state = state["state_dict"]
+        state = weights
         what = "the network_config stored in the file"
     else:
         config = None
@@ -505,6 +554,7 @@ WEIGHT_CHOICES = ("auto", "ema", "raw")
 # ``weights="auto"`` takes the EMA weights once the initialisation's weight in the average is below this
 AUTO_EMA_MAX_INIT_WEIGHT = 0.01
 _SIBLING = {"model.pt": "model_ema.pt", "model_ema.pt": "model.pt"}
+_SEGMENTER_FORMAT = "monai_mdm.segmenter"  # a trained model.pt (monai_mdm.inferers.MDMSegmenter), whose UNet is read
 
 
 def _weight_sets(path: Path, state: Any) -> tuple[dict[str, tuple[Path, Any]], Mapping[str, Any] | None]:
@@ -518,10 +568,12 @@ def _weight_sets(path: Path, state: Any) -> tuple[dict[str, tuple[Path, Any]], M
     if not isinstance(state, Mapping):
         return {"given": (path, state)}, None
     record = state.get("pretraining") if isinstance(state.get("pretraining"), Mapping) else None
+    if state.get("format") == _SEGMENTER_FORMAT:
+        return {_segmenter_kind(record): (path, _segmenter_unet(state, path))}, record
     if isinstance(state.get("network"), Mapping) and isinstance(state.get("ema"), Mapping):
         return {"raw": (path, state["network"]), "ema": (path, state["ema"])}, record
     if record is None:
-        converted = state.get("weights") in ("ema", "raw") and isinstance(state.get("state_dict"), Mapping)
+        converted = state.get("weights") in ("ema", "raw") and _unet_weights(state) is not None
         return {state["weights"] if converted else "given": (path, state)}, None
     kind = record.get("weights")
     if kind not in ("ema", "raw"):
@@ -537,6 +589,27 @@ def _weight_sets(path: Path, state: Any) -> tuple[dict[str, tuple[Path, Any]], M
         if isinstance(other_record, Mapping) and other_record.get("weights") not in (None, kind):
             sets[other_record["weights"]] = (sibling, other)
     return sets, record
+
+
+def _segmenter_kind(record: Mapping[str, Any] | None) -> str:
+    kind = record.get("weights") if record is not None else None
+    return kind if kind in ("ema", "raw") else "given"
+
+
+def _segmenter_unet(state: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """The UNet of a trained segmenter's ``model.pt`` (MONAI Label retrains the head of the model it serves):
+    its ``extractor.network.`` weights and the network config stored beside them."""
+    weights = state.get("model")
+    if not isinstance(weights, Mapping):
+        raise ValueError(
+            f"pretrained weights '{path}' are a segmentation model saved without its UNet (include_network=False): "
+            "point --pretrained_weights at the pretraining run's model_ema.pt instead."
+        )
+    if (state.get("features") or {}).get("finetuned"):
+        logger.warning(f"'{path}' holds a fine-tuned UNet: its features are the fine-tuned ones, not the pretrained.")
+    prefix = "extractor.network."
+    unet = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    return {"state_dict": unet, "network_config": state.get("network_config")}
 
 
 def _auto_choice(record: Mapping[str, Any] | None, sets: Mapping[str, Any]) -> tuple[str, str]:
@@ -567,7 +640,8 @@ def load_pretrained(
 
     ``pretrained_weights`` is a pretraining run's ``model.pt`` or ``model_ema.pt`` (the other set is taken
     from the file beside it when needed), a ``checkpoint_<N>.pt`` (holds both), a converted or guided-diffusion
-    file (one set, used as given), or ``"random"``: the ``preset`` network with random weights seeded by
+    file (one set, used as given), a trained few-shot ``model.pt`` (its UNet, as MONAI Label retrains the head of
+    the model it serves), or ``"random"``: the ``preset`` network with random weights seeded by
     ``seed``, the control that shows what pretraining adds.
 
     ``weights``: ``"ema"`` or ``"raw"`` picks that set; ``"auto"`` takes the EMA only when its initialisation

@@ -7,7 +7,7 @@ from typing import Any
 __all__ = ["PRESETS"]
 
 # What every preset shares: the ADM design as the paper trains it (scale-shift GroupNorm conditioning,
-# residual up/down sampling, no dropout, T = 1000).
+# residual up/down sampling, no dropout, T = 1000), without gradient checkpointing (a memory setting, not weights).
 _ADM: dict[str, Any] = dict(
     spatial_dims=2,
     in_channels=3,
@@ -19,6 +19,7 @@ _ADM: dict[str, Any] = dict(
     resblock_updown=True,
     conv_resample=True,
     num_timesteps=1000,
+    use_checkpoint=False,
 )
 
 # The network of the MDM paper (guided-diffusion 256 x 256 UNet, 192 channels, no learned sigma):

@@ -192,7 +192,8 @@ class LoadInstanceMaskd(MapTransform):
 
 
 class LoadClassMapd(MapTransform):
-    """Load ``.npy`` class maps to ``(1, H, W)`` arrays, checking them against their image and the class count.
+    """Load class maps (``.npy``, or label images as MONAI Label saves them) to ``(1, H, W)`` arrays, checking
+    them against their image and the class count (a value outside the classes fails, naming the file).
 
     ``d[key]`` is the map's path; when it is missing or None the map is looked for as ``<image stem>.npy`` next
     to the image. Put it before or after ``LoadImaged`` (the image file is then taken from the MetaTensor).
@@ -241,7 +242,7 @@ class LoadClassMapd(MapTransform):
                 path = _path_of(value)
                 if path is None:
                     raise TypeError(
-                        f"LoadClassMapd expects d[{key!r}] to be a .npy path, got {type(value).__name__}; put it "
+                        f"LoadClassMapd expects d[{key!r}] to be a class map path, got {type(value).__name__}; put it "
                         "before any transform that loads the label."
                     )
             arr = read_class_map(path, self.num_classes, self.ignore_index, image=image)
@@ -253,7 +254,8 @@ class NucleusBoundaryTargetd(MapTransform):
     """Dictionary-based :class:`NucleusBoundaryTarget`: ``d[key]`` becomes the 3-class target (background,
     nucleus interior, nucleus boundary) of the instance map ``d[key + instance_postfix]`` that
     :class:`LoadInstanceMaskd` wrote, with the type, dtype and device of the ``d[key]`` it replaces (put it anywhere
-    after :class:`LoadInstanceMaskd`). The instance map stays for the instance metrics."""
+    after :class:`LoadInstanceMaskd`). The instance map stays for the instance metrics. Without one (MONAI Label
+    stores class maps) the nuclei are the connected components of the label's non-zero pixels."""
 
     backend = NucleusBoundaryTarget.backend
 
@@ -266,13 +268,13 @@ class NucleusBoundaryTargetd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            source = f"{key}{self.instance_postfix}"
-            if source not in d:
-                raise KeyError(
-                    f"NucleusBoundaryTargetd: no instance map under {source!r}; put LoadInstanceMaskd (which writes "
-                    "it) before it."
-                )
-            d[key] = convert_to_dst_type(self.target(d[source]), d[key])[0]  # the label's type, dtype, device
+            source = d.get(f"{key}{self.instance_postfix}")
+            if source is None:  # a class map without instances (MONAI Label's labels): its connected nuclei
+                from monai_mdm.metrics.segmentation import instances_from_binary
+
+                label = np.asarray(d[key].detach().cpu() if isinstance(d[key], torch.Tensor) else d[key])
+                source = instances_from_binary(label.reshape(label.shape[-2:]) > 0).reshape(label.shape)
+            d[key] = convert_to_dst_type(self.target(source), d[key])[0]  # the label's type, dtype, device
         return d
 
 

@@ -1,8 +1,9 @@
-"""Smoke test of benchmarks/pretrain_throughput.py: it runs and prints well-formed tables (no timing assertions)."""
+"""Smoke tests of the benchmark scripts and the GPU suite: they run and print well-formed tables (no timing assertions)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -107,3 +108,61 @@ def test_fewshot_memory_smoke(capsys):
     expected_gib = 2 * 32 * 32 * 256 * 4 / 2**30
     assert abs(rows["ddpmseg_features_ram"][0] - expected_gib) < 1e-3 * expected_gib
     assert rows["sliding_window_windows"][0] >= 6  # 64 x 96 image, 32 px windows, overlap 0.2
+
+
+GPU_SUITE = SCRIPT.parent / "gpu_suite.sh"
+
+
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_suite_dry_run_prints_every_row(tmp_path):
+    """Every step of the GPU suite on the CPU (tiny sizes, 1-2 iterations): the same scripts, flags and bundle."""
+    import os
+    import subprocess
+
+    suite = _load(SCRIPT.parent / "gpu_suite.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("OUT", None)
+    done = subprocess.run(["bash", str(GPU_SUITE), "--dry-run", "--out", str(tmp_path)], capture_output=True,
+                          text=True, env=env, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:] + (tmp_path / "gpu_suite.log").read_text()[-3000:]
+    table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert table[0] == "| benchmark | setting | result | peak memory (MiB) |"
+    rows = {line.split(" | ")[0][2:]: line for line in table[1:]}
+    assert list(rows) == suite.ROW_NAMES
+    assert not [line for line in rows.values() if "FAILED" in line]
+    assert "images/s" in rows["pretraining, bf16 + channels-last + torch.compile"]
+    assert "Mpx/s" in rows["inference (sliding window)"]
+    assert "world size 1" in rows["pretraining bundle, DDP via torchrun (1 process)"]
+    assert [line for line in (tmp_path / "gpu_suite.md").read_text().splitlines() if line.startswith("| ")] == table
+    assert (tmp_path / "gpu_suite.log").is_file()
+    results = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert results["pretrain_bf16_ckpt.json"]["train"][0]["gradient_checkpointing"] is True
+
+
+def test_gpu_suite_stops_before_running_when_something_is_missing(tmp_path, capsys):
+    import os
+    import subprocess
+
+    # no GPU here: the real run refuses at once and says why, with nothing run
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(["bash", str(GPU_SUITE), "--out", str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 2
+    assert "missing: no CUDA GPU is visible to PyTorch" in done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith("stopped before running anything (see above).")
+    assert not list(tmp_path.iterdir())
+
+    # a module that is not there is named, with where it comes from
+    suite = _load(SCRIPT.parent / "gpu_suite.py")
+    suite.NEEDED = {"monai_not_installed": "the carried wheels (bash benchmarks/device_wheels.sh, then carry .whl)"}
+    assert suite.check("cpu", "no-such-torchrun") == 2
+    err = capsys.readouterr().err
+    assert "python module 'monai_not_installed' cannot be imported" in err and "device_wheels.sh" in err
+    assert "torchrun (no-such-torchrun) is not there" in err

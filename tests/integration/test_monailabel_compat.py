@@ -19,7 +19,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, LoadImaged, SaveImaged
 from PIL import Image
 
-from helpers import BUNDLES
+from helpers import BUNDLES, error_chain
 
 FEWSHOT = ["mdm_glas_fewshot", "mdm_monuseg_fewshot", "mdm_face_parts_fewshot"]
 
@@ -144,3 +144,102 @@ def test_monailabel_request_returns_a_mask_of_the_image(demo_data, trained_model
     with torch.no_grad():
         direct = inferer(torch.from_numpy(image)[None], network).argmax(1)[0].numpy()
     np.testing.assert_array_equal(mask, direct)
+
+
+# ------------------------------------------------------------------------------------------- the training side
+# monailabel.tasks.train.bundle.BundleTrainTask (MONAI Label 0.8.5) with the monaibundle app's trainer
+
+
+def save_labels(demo_data, studies: Path, names: list[str], values: dict[str, int] | None = None) -> list[dict]:
+    """What the labeller's PUT /datastore/label leaves behind: the image in the studies folder and its label
+    image (one class index per pixel, PNG) in labels/final/, listed by datastore.datalist() as image/label."""
+    final = studies / "labels" / "final"
+    final.mkdir(parents=True, exist_ok=True)
+    datalist = []
+    for name in names:
+        image = studies / f"{name}.bmp"
+        shutil.copy(demo_data["glas"] / f"{name}.bmp", image)
+        classes = (np.asarray(Image.open(demo_data["glas"] / f"{name}_anno.bmp")) > 0).astype(np.uint8)
+        if values and name in values:
+            classes[:4, :4] = values[name]
+        Image.fromarray(classes).save(final / f"{name}.png")
+        datalist.append({"image": str(image), "label": str(final / f"{name}.png")})
+    return datalist
+
+
+def monailabel_train(root: Path, datalist: list[dict], max_epochs: int, val_split: float = 0.2, **small):
+    """BundleTrainTask.__call__ on one device: the app's train.json with bundle_root pointing at the app's copy,
+    its train#handlers read back (plus the CheckpointLoader of models/model.pt that "pretrained" adds), the
+    datalist split by partition_dataset, and monai.bundle.run(run_id="run", init_id=None, final_id=None)."""
+    from monai.data import partition_dataset
+
+    config = root / "configs" / "train.json"
+    assert config.is_file()  # BundleConstants.configs: train.json or train.yaml, else the bundle has no trainer
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    handlers = parser.get("train#handlers", [])
+    model_pt = root / "models" / "model.pt"
+    if model_pt.exists():  # _load_checkpoint with request "pretrained": True
+        handlers.insert(0, {"_target_": "CheckpointLoader", "load_path": str(model_pt),
+                            "load_dict": {"model": "$@network"}, "strict": False})  # fmt: skip
+    train, val = partition_dataset(datalist, ratios=[1 - val_split, val_split], shuffle=False)
+    overrides = {"bundle_root": str(root), "train#trainer#max_epochs": max_epochs, "train#dataset#data": train,
+                 "device": torch.device("cpu"), "train#handlers": handlers, "validate#dataset#data": val}  # fmt: skip
+    # the settings MONAI Label cannot set, shrunk for the CPU as a hand-edited app copy would
+    return run(run_id="run", init_id=None, final_id=None, meta_file=str(root / "configs" / "metadata.json"),
+               config_file=str(config), **overrides, **small)  # fmt: skip
+
+
+SMALL = dict(crop_size=32, crops_per_image=2, max_steps=4, epoch_length=2, warmup_epochs=0)
+
+
+@pytest.fixture
+def in_app(monkeypatch, tmp_path):
+    """The app folder, exported to the training as `monailabel start_server` does (MONAI_LABEL_APP_DIR)."""
+    app = tmp_path / "app"
+    app.mkdir()
+    monkeypatch.setenv("MONAI_LABEL_APP_DIR", str(app))
+    return app
+
+
+def test_monailabel_training_writes_the_model_its_inference_reads(demo_data, trained_model, in_app, tmp_path):
+    root = install_in_app("mdm_glas_fewshot", trained_model, in_app)
+    before = (root / "models" / "model.pt").stat().st_mtime_ns
+    datalist = save_labels(demo_data, tmp_path / "studies", ["train_1", "train_2", "train_3"])
+    monailabel_train(root, datalist, max_epochs=2, output_dir=str(tmp_path / "records"), **SMALL)
+
+    model_pt = root / "models" / "model.pt"
+    assert model_pt.stat().st_mtime_ns != before  # replaced, so BasicInferTask reloads it
+    assert not (tmp_path / "records" / "models").exists()  # not the command line's place
+    # the labelled images (the validation one included: it trains too), not the label budget's pick
+    names = json.loads((tmp_path / "records" / "label_budget.json").read_text())["names"]
+    assert sorted(names) == ["train_1", "train_2", "train_3"]
+    # the UNet came from the served model: the new model holds the same frozen UNet
+    old, new = torch.load(trained_model)["model"], torch.load(model_pt)["model"]
+    unet = [k for k in old if k.startswith("extractor.network.")]
+    assert unet and all(torch.equal(old[k], new[k]) for k in unet)
+    # and the inference side loads it as before
+    task = load_task(root)
+    load_weights(task["network"], model_pt)
+
+
+def test_monailabel_label_outside_the_classes_names_the_file(demo_data, trained_model, in_app, tmp_path):
+    root = install_in_app("mdm_glas_fewshot", trained_model, in_app)
+    datalist = save_labels(demo_data, tmp_path / "studies", ["train_1", "train_2"], values={"train_2": 2})
+    with pytest.raises(Exception) as raised:
+        monailabel_train(root, datalist, max_epochs=1, output_dir=str(tmp_path / "records"), **SMALL)
+    message = error_chain(raised.value)
+    assert "train_2.png" in message and "outside the 2 classes" in message
+    assert torch.load(root / "models" / "model.pt")["model"].keys()  # the served model is left as it was
+
+
+def test_monailabel_ignore_value_255_is_kept(demo_data, in_app, tmp_path):
+    from monai_mdm.apps.monailabel import label_preprocessing
+
+    studies = tmp_path / "studies"
+    datalist = save_labels(demo_data, studies, ["train_1"], values={"train_1": 255})
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / "mdm_glas_fewshot" / "configs" / "train.json"))
+    pre = label_preprocessing(parser.get_parsed_content("preprocessing"), num_classes=2)
+    label = pre(datalist[0])["label"]
+    assert set(np.unique(np.asarray(label)).tolist()) == {0, 1, 255}

@@ -62,7 +62,7 @@ def test_train_writes_models_checkpoints_and_grids(demo_data, tmp_path):
     assert sorted(p.name for p in models.glob("checkpoint_*.pt")) == ["checkpoint_2.pt", "checkpoint_4.pt"]
     raw_file = torch.load(models / "model.pt", weights_only=True)
     ema_file = torch.load(models / "model_ema.pt", weights_only=True)
-    raw, ema = raw_file["state_dict"], ema_file["state_dict"]
+    raw, ema = raw_file["model"], ema_file["model"]
     assert raw.keys() == ema.keys() and "output_blocks.0.0.in_layers.0.weight" in raw
     assert raw_file["network_config"] == MDMUNet.from_preset("tiny").to_guided_diffusion_config()
     # both files say what they hold: iteration, EMA settings, updates and the initialisation's weight left
@@ -111,8 +111,8 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(demo_data, tmp_pat
     _train(demo_data["glas"], tmp_path / "split", max_iterations=6, **common)
     _train(demo_data["glas"], tmp_path / "split", max_iterations=12, **common)
     for name in ("model.pt", "model_ema.pt"):
-        whole = torch.load(tmp_path / "whole" / "models" / name, weights_only=True)["state_dict"]
-        split = torch.load(tmp_path / "split" / "models" / name, weights_only=True)["state_dict"]
+        whole = torch.load(tmp_path / "whole" / "models" / name, weights_only=True)["model"]
+        split = torch.load(tmp_path / "split" / "models" / name, weights_only=True)["model"]
         worst = max(float((whole[k].double() - split[k].double()).abs().max()) for k in whole)
         print(f"{name}: max |uninterrupted - resumed| = {worst}")
         assert worst == 0.0
@@ -139,8 +139,8 @@ def test_ema_leaves_the_initialisation_within_30_iterations(demo_data, tmp_path)
     _train(demo_data["glas"], out, max_iterations=30, save_interval=30, grid_interval=0,
            run=[keep_init, "$@train#trainer.run()"])  # fmt: skip
     init = torch.load(out / "init.pt", weights_only=True)
-    raw = torch.load(out / "models" / "model.pt", weights_only=True)["state_dict"]
-    ema = torch.load(out / "models" / "model_ema.pt", weights_only=True)["state_dict"]
+    raw = torch.load(out / "models" / "model.pt", weights_only=True)["model"]
+    ema = torch.load(out / "models" / "model_ema.pt", weights_only=True)["model"]
 
     def distance(weights):
         return float(torch.sqrt(sum(((weights[k] - init[k]).double() ** 2).sum() for k in init)))
@@ -290,3 +290,14 @@ def test_failed_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(torch.load(target)["a"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_2.pt"]
+
+
+def test_gradient_checkpointing_trains_the_same_weights(demo_data, tmp_path):
+    for name, on in (("plain", False), ("checkpointed", True)):
+        _train(demo_data["glas"], tmp_path / name, max_iterations=2, grid_interval=0, gradient_checkpointing=on)
+    plain = torch.load(tmp_path / "plain" / "models" / "model.pt", weights_only=False)
+    checkpointed = torch.load(tmp_path / "checkpointed" / "models" / "model.pt", weights_only=False)
+    assert checkpointed["network_config"]["use_checkpoint"] is True  # the model file says how it was trained
+    assert plain["network_config"]["use_checkpoint"] is False
+    for key, value in plain["state_dict"].items():
+        torch.testing.assert_close(checkpointed["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)

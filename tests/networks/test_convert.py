@@ -63,10 +63,11 @@ def test_fp16_module_prefixed_state_dict(ref, tmp_path, capsys):
     assert "matches the given --config" in report and f"wrote: {out}" in report
 
     saved = torch.load(out, map_location="cpu", weights_only=True)
-    assert set(saved) >= {"network_config", "state_dict", "source", "weights"}
+    assert set(saved) >= {"format", "version", "network_config", "model", "source", "weights"}
+    assert saved["format"] == "monai_mdm.unet" and saved["version"] == 1
     assert saved["weights"] == "raw" and saved["source"] == os.path.abspath(src)
-    assert set(saved["state_dict"]) == set(ref["state_dict"])
-    assert all(v.dtype == torch.float32 for v in saved["state_dict"].values())
+    assert set(saved["model"]) == set(ref["state_dict"])
+    assert all(v.dtype == torch.float32 for v in saved["model"].values())
     assert saved["network_config"]["model_channels"] == 32
     assert not list(out.parent.glob(".*.tmp"))  # atomic write left nothing behind
     _check_activations(out, ref, atol=1e-3)
@@ -87,7 +88,7 @@ def test_ema_wrapper_and_prefer(ref, tmp_path, capsys):
     assert main([str(src), "--out", str(tmp_path / "raw.pt"), "--prefer", "raw", *args]) == 0
     assert "weights: raw (from entry 'model')" in capsys.readouterr().out
     raw = torch.load(tmp_path / "raw.pt", weights_only=True)
-    assert raw["weights"] == "raw" and all(not v.any() for v in raw["state_dict"].values())
+    assert raw["weights"] == "raw" and all(not v.any() for v in raw["model"].values())
 
     # a bare state dict named the way guided-diffusion names its EMA files
     named = tmp_path / "ema_0.9999_050000.pt"

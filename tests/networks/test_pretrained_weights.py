@@ -28,7 +28,7 @@ def pretrain_models(demo_data, tmp_path_factory) -> Path:
     return out / "models"
 
 
-def _weights(path: Path, key: str = "state_dict") -> torch.Tensor:
+def _weights(path: Path, key: str = "model") -> torch.Tensor:
     return torch.load(path, weights_only=False)[key][KEY]
 
 
@@ -82,7 +82,7 @@ def test_ema_and_raw_pick_that_set_from_any_file_of_the_run(pretrain_models, nam
 
 def test_files_without_a_record_are_used_as_before(pretrain_models, tmp_path):
     flat = tmp_path / "model_ema.pt"  # as written before model files recorded anything: a bare state dict
-    torch.save(torch.load(pretrain_models / "model_ema.pt", weights_only=True)["state_dict"], flat)
+    torch.save(torch.load(pretrain_models / "model_ema.pt", weights_only=True)["model"], flat)
     net = load_pretrained(flat, "tiny")
     assert torch.equal(net.state_dict()[KEY], _weights(pretrain_models / "model_ema.pt"))
     assert net.pretraining["weights"] == "as given" and "records no EMA state" in net.pretraining["reason"]
@@ -91,7 +91,7 @@ def test_files_without_a_record_are_used_as_before(pretrain_models, tmp_path):
 
 def test_ema_asked_of_a_file_without_ema_weights_names_the_setting_and_the_fix(pretrain_models, tmp_path):
     flat = tmp_path / "weights.pt"
-    torch.save(torch.load(pretrain_models / "model.pt", weights_only=True)["state_dict"], flat)
+    torch.save(torch.load(pretrain_models / "model.pt", weights_only=True)["model"], flat)
     alone = tmp_path / "alone"
     alone.mkdir()
     shutil.copy(pretrain_models / "model.pt", alone / "model.pt")  # raw weights without model_ema.pt beside
@@ -143,7 +143,8 @@ def test_segmenter_saves_the_pretraining_choice_and_reads_files_without_it(pretr
 
 def test_converted_files_offer_the_set_the_converter_named(pretrain_models, tmp_path):
     state = torch.load(pretrain_models / "model_ema.pt", weights_only=True)
-    converted = {"network_config": state["network_config"], "state_dict": state["state_dict"], "weights": "ema"}
+    # the converter's layout before the model-file version 1 (weights under "state_dict") still loads
+    converted = {"network_config": state["network_config"], "state_dict": state["model"], "weights": "ema"}
     atomic_torch_save(converted, tmp_path / "ema.pt")
     atomic_torch_save({**converted, "weights": "raw"}, tmp_path / "raw.pt")
     assert load_pretrained(tmp_path / "ema.pt", None, weights="ema").pretraining["weights"] == "ema"

@@ -1,0 +1,136 @@
+"""Whole-slide inference against the tile-wise sliding window, on a small pyramidal slide of embedded GlaS tiles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from monai_mdm.data import TiffSlideReader, open_slide, tissue_mask, write_synthetic_slide
+from monai_mdm.inferers import SlideInferer, load_segmentation_model, make_sliding_window_inferer
+
+WINDOW = 64
+# on the windows' grid (64 + 51 k): the splitter's windows are exactly SlidingWindowInferer's
+SHAPE = (WINDOW + 51 * 9, WINDOW + 51 * 14)  # 523 x 778
+
+
+@pytest.fixture(scope="module")
+def model(tiny_glas_model):
+    return load_segmentation_model(tiny_glas_model)
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory):
+    path = tmp_path_factory.mktemp("slide") / "slide.tif"
+    return path, write_synthetic_slide(path, SHAPE, mpp=0.62, cell=128, seed=3)
+
+
+@pytest.fixture(scope="module")
+def reference(slide, model):
+    """The tile inference: SlidingWindowInferer over the whole level-0 image in memory."""
+    image = torch.as_tensor(slide[1].level(1)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    with torch.no_grad():
+        return make_sliding_window_inferer(WINDOW, 0.2, 4)(image, model)[0].numpy()
+
+
+def test_slide_blend_equals_the_tile_sliding_window_where_windows_ran(slide, model, reference, tmp_path):
+    scores, info = SlideInferer(mpp=0.62, window_size=WINDOW).blend(slide[0], model, tmp_path)
+    scores = np.asarray(scores[0])
+    covered = scores[-1] > 0
+    blended = scores[:-1] / np.where(covered, scores[-1], 1.0)
+    assert info["level"] == 0 and info["shape"] == SHAPE
+    assert 0.2 < covered.mean() < 0.95  # glass windows were not run
+    np.testing.assert_allclose(blended[:, covered], reference[:, covered], atol=1e-4)
+    # every pixel the tissue mask shows is covered; glass a window away from tissue is not
+    assert covered[_tissue(slide[0])].all()
+    cells = np.kron(slide[1].cells >= 0, np.ones((128, 128), bool))[: SHAPE[0], : SHAPE[1]]
+    assert not covered[~_dilate(cells, WINDOW)].any()
+
+
+def test_slide_labels_are_the_tile_labels_on_tissue_and_background_elsewhere(slide, model, reference, tmp_path):
+    tissue = _tissue(slide[0])
+    # the tiny head may call everything one class; shifting the gland score by a constant (which blends
+    # unchanged) splits the tissue between both classes, so that comparing labels means something
+    shift = float(np.median((reference[0] - reference[1])[tissue]))
+    reference = reference + np.array([0.0, shift])[:, None, None]
+    calls = []
+    counting = _Counting(_Shifted(model, shift), calls)
+    info = SlideInferer(mpp=0.62, window_size=WINDOW)(str(slide[0]), counting, str(tmp_path / "out"))
+    total = 10 * 15
+    assert 0 < info["run"] < total and info["run"] + info["skipped"] == total
+    assert sum(calls) == info["run"] + 1  # the windows run, and one probe for the number of classes
+    with tifffile.TiffFile(info["output"]) as tif:
+        levels = tif.series[0].levels
+        labels = levels[0].asarray()
+        assert [level.shape for level in levels] == [SHAPE, (262, 389), (131, 195)]
+        np.testing.assert_array_equal(levels[1].asarray(), labels[::2, ::2])
+        num, den = tif.pages[0].tags["XResolution"].value
+        assert num / den == pytest.approx(1e4 / 0.62) and tif.pages[0].tags["ResolutionUnit"].value == 3  # px/cm
+    expected = reference.argmax(axis=0)
+    ranked = np.sort(reference, axis=0)
+    decided = ranked[-1] - ranked[-2] > 1e-3  # the blend's float error cannot flip these pixels
+    np.testing.assert_array_equal(labels[tissue & decided], expected[tissue & decided])
+    assert 0.2 < labels[tissue].mean() < 0.8
+    assert (labels[~_dilate(tissue, WINDOW)] == 0).all()  # no window ran there: background
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["slide_seg.tif"]  # working files removed
+
+
+def test_failed_slide_leaves_nothing_under_the_final_name(slide, model, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        SlideInferer(mpp=0.62, window_size=WINDOW)(str(slide[0]), _Failing(model, after=3), str(out))
+    assert list(out.iterdir()) == []
+
+
+def test_slide_larger_than_the_free_disk_is_refused_before_inference(slide, model, tmp_path, monkeypatch):
+    monkeypatch.setattr("monai_mdm.inferers.wsi.shutil.disk_usage", lambda p: type("U", (), {"free": 10**5})())
+    calls = []
+    with pytest.raises(OSError, match=r"--output_dir '.*': 0.00 GB free, but segmenting '.*slide.tif' \(523x778"):
+        SlideInferer(mpp=0.62, window_size=WINDOW)(str(slide[0]), _Counting(model, calls), str(tmp_path / "out"))
+    assert sum(calls) == 1 and list((tmp_path / "out").iterdir()) == []
+
+
+def _tissue(path) -> np.ndarray:
+    """The slide's tissue mask at level 0."""
+    reader = TiffSlideReader()
+    mask, ratio = tissue_mask(reader, open_slide(path, reader))
+    rows, cols = (np.minimum((np.arange(s) / ratio).astype(int), m - 1) for s, m in zip(SHAPE, mask.shape))
+    return mask[rows[:, None], cols[None, :]]
+
+
+def _dilate(mask: np.ndarray, by: int) -> np.ndarray:
+    from scipy.ndimage import binary_dilation
+
+    return binary_dilation(mask, np.ones((2 * by + 1, 2 * by + 1), bool))
+
+
+class _Counting(torch.nn.Module):
+    def __init__(self, network, calls):
+        super().__init__()
+        self.network, self.calls = network, calls
+
+    def forward(self, images):
+        self.calls.append(images.shape[0])
+        return self.network(images)
+
+
+class _Shifted(torch.nn.Module):
+    def __init__(self, network, shift):
+        super().__init__()
+        self.network, self.shift = network, shift
+
+    def forward(self, images):
+        scores = self.network(images)
+        return scores + torch.tensor([0.0, self.shift], device=scores.device)[:, None, None]
+
+
+class _Failing(_Counting):
+    def __init__(self, network, after):
+        super().__init__(network, [])
+        self.after = after
+
+    def forward(self, images):
+        if len(self.calls) >= self.after:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return super().forward(images)
