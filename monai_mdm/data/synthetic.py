@@ -737,7 +737,9 @@ def _place_nuclei(
 
     Candidates are drawn in bulk and accepted greedily when their bounding circle (which contains
     every rasterised pixel centre) overlaps no accepted one by more than the organ allows and their
-    pixels are free, so each accepted polygon is rasterised exactly once; neighbours may touch.
+    pixels are free, so each accepted polygon is rasterised exactly once. A share ``organ.touch`` of
+    the candidates is instead pressed against an accepted nucleus of its kind (:func:`_press_against`):
+    touching clusters, the case where connected components merge nuclei and a watershed has to split them.
     """
     h, w = shape
     scale = rng.uniform(0.85, 1.2)
@@ -767,10 +769,14 @@ def _place_nuclei(
     )
     vesicular = np.where(epithelial, rng.uniform(*organ.vesicular, n_cand), 0.0)
     phi = rng.uniform(0.0, np.pi, n_cand)
-    vy, vx = _blob_vertices(rng, cy, cx, a, b, phi, irregular, n_vertices)
-    vy, vx = _snap(vy, h - 1.0), _snap(vx, w - 1.0)
+    oy, ox = _blob_vertices(rng, np.zeros(n_cand), np.zeros(n_cand), a, b, phi, irregular, n_vertices)
+    vy, vx = _snap(cy[:, None] + oy, h - 1.0), _snap(cx[:, None] + ox, w - 1.0)
     ry = np.hypot(vy - cy[:, None], vx - cx[:, None]).max(axis=1)
     nucleolus = rng.uniform(-0.4, 0.4, (n_cand, 2))
+    # pressed candidates: which, against which accepted neighbour (a fraction of the list) and from where
+    pressed = (rng.uniform(size=n_cand) < organ.touch) & (epithelial | lymph)
+    neighbour_at = rng.uniform(size=n_cand)
+    side = rng.uniform(0.0, 2.0 * np.pi, n_cand)
 
     area_goal = rng.uniform(*organ.cover) * h * w
     instances = np.zeros(shape, np.int32)
@@ -782,22 +788,38 @@ def _place_nuclei(
     cy_l, cx_l, ry_l = cy.tolist(), cx.tolist(), ry.tolist()
     area = 0
     touch = organ.touch
+    by_kind: dict[bool, list[int]] = {True: [], False: []}  # accepted epithelial / other nuclei
     for i in range(n_cand):
         if area >= area_goal:
             break
+        kind = bool(epithelial[i])
+        if pressed[i] and by_kind[kind]:
+            j = by_kind[kind][int(neighbour_at[i] * len(by_kind[kind]))]
+            reach = ry[j] + 0.6 * ry[i]
+            cy[i], cx[i] = cy[j] + reach * np.sin(side[i]), cx[j] + reach * np.cos(side[i])
+            placed = _press_against(instances, cy[i], cx[i], oy[i], ox[i])
+            if placed is None:
+                continue
+            vy[i], vx[i], (rr, cc) = *placed[:2], placed[2]
+            if rr.size < max(6, 0.4 * np.pi * a[i] * b[i]):  # not a sliver
+                continue
+            cy_l[i], cx_l[i] = float(cy[i]), float(cx[i])
+        else:
+            yi, xi, ri = cy_l[i], cx_l[i], ry_l[i]
+            gy, gx = int((yi + 3.0) // cell), int((xi + 3.0) // cell)
+            if any(
+                (yj - yi) ** 2 + (xj - xi) ** 2 <= (rj + ri + 1.0 - touch * min(ri, rj)) ** 2
+                for key in ((gy + dy, gx + dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+                for yj, xj, rj in grid.get(key, ())
+            ):
+                continue
+            rr, cc = draw_polygon(vy[i], vx[i], shape=shape)
+            if rr.size < 6 or (touch and instances[rr, cc].any()):
+                continue
         yi, xi, ri = cy_l[i], cx_l[i], ry_l[i]
-        gy, gx = int((yi + 3.0) // cell), int((xi + 3.0) // cell)
-        if any(
-            (yj - yi) ** 2 + (xj - xi) ** 2 <= (rj + ri + 1.0 - touch * min(ri, rj)) ** 2
-            for key in ((gy + dy, gx + dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
-            for yj, xj, rj in grid.get(key, ())
-        ):
-            continue
-        rr, cc = draw_polygon(vy[i], vx[i], shape=shape)
-        if rr.size < 6 or (touch and instances[rr, cc].any()):
-            continue
         chosen.append(i)
-        grid.setdefault((gy, gx), []).append((yi, xi, ri))
+        by_kind[kind].append(i)
+        grid.setdefault((int((yi + 3.0) // cell), int((xi + 3.0) // cell)), []).append((yi, xi, ri))
         instances[rr, cc] = len(chosen)
         polygons.append(np.stack([vx[i], vy[i]], axis=1))
         area += rr.size
@@ -813,6 +835,40 @@ def _place_nuclei(
         "nucleolus": nucleolus[idx],
     }
     return instances, polygons, props
+
+
+def _press_against(
+    instances: np.ndarray, cy: float, cx: float, oy: np.ndarray, ox: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]] | None:
+    """A nucleus at ``(cy, cx)`` (vertex offsets ``oy``, ``ox``) flattened where it meets accepted nuclei.
+
+    Each vertex is pulled in along its ray to the last free pixel before an occupied one, so the nucleus
+    takes the contact face of its neighbour, as crowded nuclei do, and touches it without sharing a pixel.
+    Returns ``(vy, vx, (rr, cc))``, the snapped vertices and their pixels, or None when the centre is taken
+    or the polygon still claims an occupied pixel after a few pulls.
+    """
+    h, w = instances.shape
+    if not (0 <= cy <= h - 1 and 0 <= cx <= w - 1) or instances[int(round(cy)), int(round(cx))]:
+        return None
+    radius = np.hypot(oy, ox)
+    steps = np.arange(0.0, float(radius.max()) + 0.5, 0.5)
+    ray_y = cy + oy[:, None] / radius[:, None] * steps[None, :]
+    ray_x = cx + ox[:, None] / radius[:, None] * steps[None, :]
+    inside = (ray_y > -0.5) & (ray_y < h - 0.5) & (ray_x > -0.5) & (ray_x < w - 0.5)
+    taken = np.zeros_like(inside)
+    py = np.clip(np.round(ray_y), 0, h - 1).astype(np.intp)
+    px = np.clip(np.round(ray_x), 0, w - 1).astype(np.intp)
+    taken[inside] = instances[py[inside], px[inside]] > 0
+    first = np.where(taken.any(axis=1), taken.argmax(axis=1), steps.size)
+    reach = np.minimum(radius, steps[np.maximum(first - 1, 0)])
+    for _ in range(4):
+        scale = np.maximum(reach, 0.5) / radius
+        vy, vx = _snap(cy + oy * scale, h - 1.0), _snap(cx + ox * scale, w - 1.0)
+        rr, cc = draw_polygon(vy, vx, shape=(h, w))
+        if rr.size and not instances[rr, cc].any():
+            return vy, vx, (rr, cc)
+        reach = np.where(first < steps.size, reach - 0.5, reach)  # pull the contact face in further
+    return None
 
 
 def _shade_nuclei(instances: np.ndarray, props: dict[str, np.ndarray]) -> np.ndarray:

@@ -2,7 +2,7 @@ from .checkpoint import RandomStates, StopAtIteration, TrainingCheckpoint, find_
 from .ema import EMA
 from .training import HeldOutEarlyStopping, SaveModel, StopAtStep, StopOnNonFiniteLoss, epochs_for_steps
 from .reconstruction_grid import ReconstructionGridSaver, reconstruction_grid
-from .segmentation_report import ClassIoUReport, PublishWhenComplete, SegmentationReport
+from .segmentation_report import ClassIoUReport, NucleusInstanceWriter, PublishWhenComplete, SegmentationReport
 from .tracking import (
     CheckTrackingServer,
     LogArtifacts,
@@ -27,6 +27,7 @@ __all__ = [
     "EMA",
     "HeldOutEarlyStopping",
     "IterationTimes",
+    "NucleusInstanceWriter",
     "SaveModel",
     "SegmentationReport",
     "LogArtifacts",

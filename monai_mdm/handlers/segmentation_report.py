@@ -100,6 +100,41 @@ class PublishWhenComplete:
         engine.add_event_handler(Events.COMPLETED, lambda _: self.folder.merge())
 
 
+class NucleusInstanceWriter:
+    """Write the nucleus instances that inference's postprocessing put in ``output[instance_key]``
+    (:class:`monai_mdm.transforms.NucleusInstancesd`): ``<image stem>_nuclei.tif`` (labelled TIFF) and
+    ``<image stem>_nuclei.geojson`` (QuPath polygons) in ``output_dir``, each written atomically (give it the
+    staging folder of :class:`PublishWhenComplete` so that they appear with the masks when the run completes).
+    """
+
+    def __init__(self, output_dir: str | Path, instance_key: str = "pred_instances", image_key: str = "image",
+                 object_type: str = "detection") -> None:  # fmt: skip
+        self.output_dir = Path(output_dir)
+        self.instance_key, self.image_key = instance_key, image_key
+        self.object_type = object_type
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        from monai_mdm.data.instance_export import write_nucleus_instances
+
+        outputs = engine.state.output
+        for item in outputs if isinstance(outputs, (list, tuple)) else [outputs]:
+            if self.instance_key not in item:
+                raise KeyError(
+                    f"NucleusInstanceWriter: the output holds no {self.instance_key!r}; add NucleusInstancesd to the "
+                    "postprocessing before this handler runs."
+                )
+            meta = getattr(item.get(self.image_key), "meta", {}) or {}
+            source = meta.get("filename_or_obj")
+            if not source:
+                raise ValueError("NucleusInstanceWriter: the image carries no file name to name its outputs by.")
+            nuclei = np.asarray(torch.as_tensor(item[self.instance_key]).cpu()).squeeze(0)
+            write_nucleus_instances(self.output_dir, f"{Path(str(source)).stem}_nuclei", nuclei,
+                                    object_type=self.object_type)  # fmt: skip
+
+
 class SegmentationReport(StagedReport):
     """Score every image an evaluator segments, save what it predicted, and write the tables at the end.
 
@@ -111,12 +146,19 @@ class SegmentationReport(StagedReport):
     summary is printed; with MLflow tracking the means are logged as metrics and the tables and overlays
     as artifacts.
 
+    With ``instances`` (MoNuSeg) the predicted nuclei are :func:`monai_mdm.transforms.nucleus_instances` of the
+    class map by that method, scored by AJI and PQ, and written as ``instances/<name>.tif`` (labelled TIFF) and
+    ``instances/<name>.geojson`` (QuPath polygons); without it the instance metrics take the connected
+    components of the foreground.
+
     Args:
         output_dir: folder for the tables, predictions and overlays.
         dataset: "glas" or "monuseg": which metrics apply.
         run: label of this run (e.g. model and seed) in the table.
         instance_key / name_key: batch keys of the instance annotation and the image name.
         save_nifti: also write predictions as NIfTI.
+        instances: None, ``"watershed"`` (needs a model of the nucleus boundary target, 3 classes) or
+            ``"connected_components"``.
         extra: settings recorded in metrics.json (e.g. the label budget).
     """
 
@@ -129,9 +171,11 @@ class SegmentationReport(StagedReport):
         name_key: str = "name",
         save_nifti: bool = False,
         save_overlays: bool = True,
+        instances: str | None = None,
         extra: dict | None = None,
     ) -> None:
         from monai_mdm.metrics import MetricTable
+        from monai_mdm.transforms import check_instance_method
 
         self.output_dir = Path(output_dir)
         self.dataset = dataset
@@ -140,6 +184,7 @@ class SegmentationReport(StagedReport):
         self.name_key = name_key
         self.save_nifti = save_nifti
         self.save_overlays = save_overlays
+        self.instances = None if instances is None else check_instance_method(instances)
         self.extra = dict(extra or {})
         self.table = MetricTable(run_key="run")
 
@@ -157,13 +202,31 @@ class SegmentationReport(StagedReport):
         for name, pred, image, truth in zip(names, preds, images, truths):
             classes = torch.as_tensor(pred).argmax(0).cpu().numpy().astype(np.uint8)
             gt = np.asarray(torch.as_tensor(truth).cpu()).squeeze(0)
-            self.table.add(name, evaluate_case(classes, gt, self.dataset), run=self.run or None)
+            nuclei = self._nuclei(name, classes, torch.as_tensor(pred).shape[0])
+            self.table.add(name, evaluate_case(classes, gt, self.dataset, pred_instances=nuclei), run=self.run or None)
             _save_png(self.out / "predictions" / f"{name}.png", classes * (255 // max(1, classes.max(initial=1))))
             if self.save_nifti:
                 self._save_nifti(name, classes, image)
             if self.save_overlays:
                 rgb = to_uint8_rgb(torch.as_tensor(image)[None])[0]
                 _save_png(self.out / "overlays" / f"{name}.png", overlay_panel(rgb, gt > 0, classes))
+
+    def _nuclei(self, name: str, classes: np.ndarray, num_classes: int) -> np.ndarray | None:
+        """The predicted instances by ``self.instances``, written as labelled TIFF and GeoJSON; None without it."""
+        from monai_mdm.data.instance_export import write_nucleus_instances
+        from monai_mdm.transforms import NUCLEUS_CLASSES, nucleus_instances
+
+        if self.instances is None:
+            return None
+        if self.instances == "watershed" and num_classes != len(NUCLEUS_CLASSES):
+            raise ValueError(
+                f"--instances watershed needs a model trained on the nucleus boundary target "
+                f"({len(NUCLEUS_CLASSES)} classes: {', '.join(NUCLEUS_CLASSES)}); this model predicts {num_classes}. "
+                "Retrain it with this bundle's train.json, or use --instances connected_components."
+            )
+        nuclei = nucleus_instances(classes, self.instances)
+        write_nucleus_instances(self.out / "instances", str(name), nuclei)
+        return nuclei
 
     def _save_nifti(self, name: str, classes: np.ndarray, image) -> None:
         import nibabel as nib

@@ -1,8 +1,17 @@
 """MDM transforms: batched corruptions and pretraining objectives (training/feature extraction), MONAI array/dict
-transforms, label loaders."""
+transforms, label loaders, the nucleus boundary target and nucleus instances."""
 
 from monai_mdm.transforms import array, corruption, dictionary, objectives
-from monai_mdm.transforms.array import EnsureRGB, RandPatchMask
+from monai_mdm.transforms.array import (
+    INSTANCE_METHODS,
+    NUCLEUS_CLASSES,
+    EnsureRGB,
+    NucleusBoundaryTarget,
+    NucleusInstances,
+    RandPatchMask,
+    check_instance_method,
+    nucleus_instances,
+)
 from monai_mdm.transforms.corruption import (
     Corruption,
     GaussianNoise,
@@ -36,6 +45,12 @@ from monai_mdm.transforms.dictionary import (
     LoadInstanceMaskD,
     LoadInstanceMaskd,
     LoadInstanceMaskDict,
+    NucleusBoundaryTargetD,
+    NucleusBoundaryTargetd,
+    NucleusBoundaryTargetDict,
+    NucleusInstancesD,
+    NucleusInstancesd,
+    NucleusInstancesDict,
     RandPatchMaskD,
     RandPatchMaskd,
     RandPatchMaskDict,

@@ -17,9 +17,15 @@ from monai.utils.type_conversion import convert_to_dst_type
 
 from monai_mdm.data.faces import check_num_classes, read_class_map
 from monai_mdm.data.instances import read_instance_map
-from monai_mdm.transforms.array import EnsureRGB, RandPatchMask
+from monai_mdm.transforms.array import EnsureRGB, NucleusBoundaryTarget, NucleusInstances, RandPatchMask
 
 __all__ = [
+    "NucleusBoundaryTargetd",
+    "NucleusBoundaryTargetD",
+    "NucleusBoundaryTargetDict",
+    "NucleusInstancesd",
+    "NucleusInstancesD",
+    "NucleusInstancesDict",
     "RandPatchMaskd",
     "RandPatchMaskD",
     "RandPatchMaskDict",
@@ -244,6 +250,62 @@ class LoadClassMapd(MapTransform):
         return d
 
 
+class NucleusBoundaryTargetd(MapTransform):
+    """Dictionary-based :class:`NucleusBoundaryTarget`: ``d[key]`` becomes the 3-class target (background,
+    nucleus interior, nucleus boundary) of the instance map ``d[key + instance_postfix]`` that
+    :class:`LoadInstanceMaskd` wrote, with the type, dtype and device of the ``d[key]`` it replaces (put it anywhere
+    after :class:`LoadInstanceMaskd`). The instance map stays for the instance metrics. Without one (MONAI Label
+    stores class maps) the nuclei are the connected components of the label's non-zero pixels."""
+
+    backend = NucleusBoundaryTarget.backend
+
+    def __init__(self, keys: KeysCollection = "label", instance_postfix: str = "_instances",
+                 allow_missing_keys: bool = False) -> None:  # fmt: skip
+        super().__init__(keys, allow_missing_keys)
+        self.instance_postfix = instance_postfix
+        self.target = NucleusBoundaryTarget()
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            source = d.get(f"{key}{self.instance_postfix}")
+            if source is None:  # a class map without instances (MONAI Label's labels): its connected nuclei
+                from monai_mdm.metrics.segmentation import instances_from_binary
+
+                label = np.asarray(d[key].detach().cpu() if isinstance(d[key], torch.Tensor) else d[key])
+                source = instances_from_binary(label.reshape(label.shape[-2:]) > 0).reshape(label.shape)
+            d[key] = convert_to_dst_type(self.target(source), d[key])[0]  # the label's type, dtype, device
+        return d
+
+
+class NucleusInstancesd(MapTransform):
+    """Dictionary-based :class:`NucleusInstances`: the nucleus instances of the class map ``d[key]`` (after
+    argmax, ``(1, H, W)``) go to ``d[key + instance_postfix]`` (``"pred_instances"``); ``d[key]`` is kept.
+
+    Args:
+        keys: keys of class maps.
+        method: ``"watershed"`` or ``"connected_components"`` (the bundles' ``--instances``).
+        instance_postfix: where the instances go.
+        min_marker_size: see :func:`monai_mdm.transforms.nucleus_instances`.
+    """
+
+    backend = NucleusInstances.backend
+
+    def __init__(self, keys: KeysCollection = "pred", method: str = "watershed", instance_postfix: str = "_instances",
+                 min_marker_size: int = 3, allow_missing_keys: bool = False) -> None:  # fmt: skip
+        super().__init__(keys, allow_missing_keys)
+        self.instance_postfix = instance_postfix
+        self.instances = NucleusInstances(method, min_marker_size)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[f"{key}{self.instance_postfix}"] = self.instances(d[key])
+        return d
+
+
+NucleusBoundaryTargetD = NucleusBoundaryTargetDict = NucleusBoundaryTargetd
+NucleusInstancesD = NucleusInstancesDict = NucleusInstancesd
 RandPatchMaskD = RandPatchMaskDict = RandPatchMaskd
 EnsureRGBD = EnsureRGBDict = EnsureRGBd
 LoadInstanceMaskD = LoadInstanceMaskDict = LoadInstanceMaskd

@@ -66,6 +66,11 @@ CASES = {
                           "{tmp}/nothing"),
     "volume no data": Case("mdm_volume_fewshot/train.json",
                            ("--pretrained_weights", "random", "--dataset_dir", "{tmp}/nothing"), "{tmp}/nothing"),
+    "monuseg evaluate instances": Case("mdm_monuseg_fewshot/train.json,mdm_monuseg_fewshot/evaluate.json",
+                                       ("--instances", "watershedd"),
+                                       "--instances must be one of watershed, connected_components, got 'watershedd'"),
+    "monuseg inference instances": Case("mdm_monuseg_fewshot/inference.json", ("--instances", "stardist"),
+                                        "--instances must be one of watershed, connected_components, got 'stardist'"),
     # every bundle refuses typos and text booleans before anything runs
     "monuseg typo": Case("mdm_monuseg_fewshot/train.json", ("--label_budjet", "2"), "Did you mean --label_budget", 2),
     "faces text boolean": Case("mdm_face_parts_fewshot/train.json", ("--augment", "true"), "Write --augment True", 2),

@@ -226,75 +226,91 @@ def test_logged_settings_name_the_weights_used(bundle):
     assert parser.get_parsed_content("weights") == "auto" and parser.get_parsed_content("weights_used") == "random"
 
 
-def test_monuseg_bundle_trains_and_reports_instance_metrics(demo_data, pretrained, tmp_path):
-    configs = BUNDLES / "mdm_monuseg_fewshot" / "configs"
-    run(
-        config_file=str(configs / "train.json"),
-        dataset_dir=str(demo_data["monuseg"]),
-        output_dir=str(tmp_path),
-        pretrained_weights=str(pretrained),
-        label_budget=1,
-        batch_size=2,
-        **HEAD,
-    )
-    run(
-        config_file=[str(configs / "train.json"), str(configs / "evaluate.json")],
-        dataset_dir=str(demo_data["monuseg"]),
-        output_dir=str(tmp_path),
-        window_size=32,
-    )
-    doc = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
-    assert len(doc["rows"]) == 2
+MONUSEG = BUNDLES / "mdm_monuseg_fewshot" / "configs"
+
+
+@pytest.fixture(scope="module")
+def monuseg_run(demo_data, pretrained, tmp_path_factory) -> Path:
+    """A tiny MoNuSeg head trained on the nucleus boundary target (one labelled tile)."""
+    out = tmp_path_factory.mktemp("monuseg")
+    run(config_file=str(MONUSEG / "train.json"), dataset_dir=str(demo_data["monuseg"]), output_dir=str(out),
+        pretrained_weights=str(pretrained), label_budget=1, batch_size=2, **HEAD)  # fmt: skip
+    return out
+
+
+def _monuseg_evaluation(demo_data, out: Path, **settings) -> dict:
+    run(config_file=[str(MONUSEG / "train.json"), str(MONUSEG / "evaluate.json")], dataset_dir=str(demo_data["monuseg"]),
+        output_dir=str(out), window_size=32, **settings)  # fmt: skip
+    return json.loads((out / "evaluation" / "metrics.json").read_text())
+
+
+def test_monuseg_bundle_trains_and_reports_instance_metrics(monuseg_run, demo_data):
+    import tifffile
+
+    from monai_mdm.data import geojson_to_instances
+    from monai_mdm.inferers import load_segmentation_model
+
+    assert load_segmentation_model(monuseg_run / "models" / "model.pt").class_names == [
+        "background", "nucleus", "nucleus boundary"]  # fmt: skip
+    doc = _monuseg_evaluation(demo_data, monuseg_run)
+    assert len(doc["rows"]) == 2 and doc["extra"]["instances"] == "watershed"
     assert set(doc["rows"][0]) >= {"paper_dice", "paper_aji_binary", "aji", "pq", "dq", "sq"}
+    assert "aji" in (monuseg_run / "evaluation" / "metrics.csv").read_text().splitlines()[0].split(",")
+    folder = monuseg_run / "evaluation" / "instances"
+    for row in doc["rows"]:
+        labels = tifffile.imread(folder / f"{row['name']}.tif")
+        assert labels.dtype == np.uint16 and labels.shape == (250, 250)
+        polygons = json.loads((folder / f"{row['name']}.geojson").read_text())
+        assert polygons["type"] == "FeatureCollection" and len(polygons["features"]) == int(labels.max())
+        np.testing.assert_array_equal(geojson_to_instances(polygons, labels.shape), labels)
+    # connected components of the same predictions: same semantic metrics, other instances
+    cc = _monuseg_evaluation(demo_data, monuseg_run, instances="connected_components")
+    assert cc["extra"]["instances"] == "connected_components"
+    for a, b in zip(doc["rows"], cc["rows"]):
+        assert a["paper_dice"] == b["paper_dice"] and a["paper_aji_binary"] == b["paper_aji_binary"]
 
 
-def test_monuseg_inference_bundle_reads_tif_tiles(demo_data, pretrained, tmp_path):
-    configs = BUNDLES / "mdm_monuseg_fewshot" / "configs"
+def test_monuseg_inference_writes_masks_label_tiffs_and_geojson(monuseg_run, demo_data, tmp_path):
+    import tifffile
+
     bundle = tmp_path / "bundle"
-    run(config_file=str(configs / "train.json"), dataset_dir=str(demo_data["monuseg"]),
-        output_dir=str(bundle), pretrained_weights=str(pretrained), label_budget=1, batch_size=2, **HEAD)  # fmt: skip
-    tiles = sorted((demo_data["monuseg"] / "MoNuSegTestData").glob("*.tif"))
-    run(config_file=str(configs / "inference.json"), bundle_root=str(bundle),
-        dataset_dir=str(demo_data["monuseg"] / "MoNuSegTestData"), window_size=32)  # fmt: skip
-    outputs = sorted((bundle / "eval").glob("*_seg.png"))
-    assert [p.name for p in outputs] == [f"{t.stem}_seg.png" for t in tiles]
-    for tile, out in zip(tiles, outputs):
-        assert Image.open(out).size == Image.open(tile).size
+    (bundle / "models").mkdir(parents=True)
+    (bundle / "models" / "model.pt").write_bytes((monuseg_run / "models" / "model.pt").read_bytes())
+    (tile,) = sorted((demo_data["monuseg"] / "MoNuSegTestData").glob("*.tif"))[:1]
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / tile.name).write_bytes(tile.read_bytes())
+    run(config_file=str(MONUSEG / "inference.json"), bundle_root=str(bundle), dataset_dir=str(images), window_size=32)
+    out = bundle / "eval"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{tile.stem}{suffix}" for suffix in ("_seg.png", "_nuclei.tif", "_nuclei.geojson"))  # fmt: skip
+    mask = np.asarray(Image.open(out / f"{tile.stem}_seg.png"))
+    assert set(np.unique(mask)) <= {0, 255}  # nucleus = interior and boundary
+    labels = tifffile.imread(out / f"{tile.stem}_nuclei.tif")
+    assert labels.shape == mask.shape
+    np.testing.assert_array_equal(labels > 0, mask > 0)
+    assert len(json.loads((out / f"{tile.stem}_nuclei.geojson").read_text())["features"]) == int(labels.max())
 
 
-@pytest.mark.parametrize(
-    "bundle, head_id",
-    [
-        ("mdm_glas_fewshot", "train#trainer#network"),
-        ("mdm_monuseg_fewshot", "train#trainer#network"),
-        ("mdm_face_parts_fewshot", "train#trainer#network"),
-        ("mdm_volume_fewshot", "train#trainer#network"),
-    ],
-)
-def test_trained_head_is_put_on_the_training_device(bundle, head_id, pretrained, tmp_path):
-    """SupervisedTrainer does not move the network; the config must, or a GPU run mixes devices."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLES / bundle / "configs" / "train.json"))
-    # "meta" stands in for a GPU: only the device the parameters end up on matters here
-    parser.update({"device": "$torch.device('meta')", "preset": "tiny", "pretrained_weights": str(pretrained)})
-    parser["blocks"] = [3, 4, 5]  # decoder blocks both tiny networks have
-    if bundle == "mdm_volume_fewshot":
-        parser["network"] = "$monai_mdm.networks.MDMUNet.from_preset('tiny3d', spatial_dims=3, in_channels=1).to(@device)"
-    head = parser.get_parsed_content(head_id)
-    assert {p.device.type for p in head.parameters()} == {"meta"}
+@pytest.mark.parametrize("config", ["evaluate.json", "inference.json"])
+def test_unknown_instance_method_is_refused_naming_the_setting(monuseg_run, demo_data, tmp_path, config):
+    with pytest.raises(Exception) as info:
+        if config == "evaluate.json":
+            _monuseg_evaluation(demo_data, monuseg_run, instances="stardist")
+        else:
+            run(config_file=str(MONUSEG / "inference.json"), bundle_root=str(monuseg_run), dataset_dir=str(tmp_path),
+                instances="stardist")  # fmt: skip
+    assert "--instances must be one of watershed, connected_components, got 'stardist'" in error_chain(info.value)
 
 
-@pytest.mark.parametrize("overlays, built", [([], "FeatureCache"), (["online_features.json"], "Dataset")])
-def test_only_the_chosen_training_set_is_built(overlays, built, demo_data, pretrained):
-    """With the online-features overlay no feature cache is computed (it would cost a UNet pass per crop)."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config([str(GLAS / name) for name in ["train.json", *overlays]])
-    parser.update({"dataset_dir": str(demo_data["glas"]), "pretrained_weights": str(pretrained)})
-    parser.update(HEAD)
-    assert type(parser.get_parsed_content("train#dataloader#dataset")).__name__ == built
-    other = "train#cached" if overlays else "train#online"
-    assert other not in parser.ref_resolver.resolved_content
+def test_watershed_on_a_two_class_model_says_what_to_do(monuseg_run, demo_data, tmp_path):
+    two_class = tmp_path / "two_class"
+    run(config_file=str(MONUSEG / "train.json"), dataset_dir=str(demo_data["monuseg"]), output_dir=str(two_class),
+        pretrained_weights="random", label_budget=1, batch_size=2, class_names=["background", "nucleus"],
+        **{"preprocessing#transforms#5": "$monai.transforms.Identityd('label')"}, **HEAD)  # fmt: skip
+    with pytest.raises(Exception) as info:
+        _monuseg_evaluation(demo_data, two_class)
+    assert re.search(r"--instances watershed needs a model trained on the nucleus boundary target.*predicts 2.*"
+                     r"--instances connected_components", error_chain(info.value), re.S)  # fmt: skip
+    doc = _monuseg_evaluation(demo_data, two_class, instances="connected_components")
+    assert len(doc["rows"]) == 2
