@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside thi
 
 from common import HostPeak, describe_machine, resolve_device  # noqa: E402
 
-from monai_mdm.data.synthetic_slide import write_synthetic_slide  # noqa: E402
+from monai_mdm.data.synthetic import write_synthetic_slide  # noqa: E402
 from monai_mdm.inferers import MDMSegmenter, SlideInferer  # noqa: E402
 from monai_mdm.networks import MDMFeatureExtractor, MDMUNet, PixelHeadEnsemble  # noqa: E402
 

@@ -15,7 +15,7 @@ _EXPORTS = {
     "FeatureCache": "feature_cache",
     "ResumableShuffleSampler": "sampler",
     "SLIDE_BACKENDS": "wsi",
-    "SyntheticSlide": "synthetic_slide",
+    "SyntheticSlide": "synthetic",
     "TiffSlideReader": "wsi",
     "budget_count": "budget",
     "budget_record": "budget",
@@ -46,7 +46,7 @@ _EXPORTS = {
     "select_level": "wsi",
     "slide_reader_class": "wsi",
     "synthesize_tile": "synthetic",
-    "synthesize_volume": "volumes",
+    "synthesize_volume": "synthetic",
     "tissue_mask": "wsi",
     "volume_datalist": "volumes",
     "write_demo_data": "synthetic",
@@ -56,8 +56,8 @@ _EXPORTS = {
     "write_label_tiff": "instance_export",
     "write_monuseg": "synthetic",
     "write_nucleus_instances": "instance_export",
-    "write_synthetic_slide": "synthetic_slide",
-    "write_volumes": "volumes",
+    "write_synthetic_slide": "synthetic",
+    "write_volumes": "synthetic",
 }
 
 __all__ = sorted(_EXPORTS)

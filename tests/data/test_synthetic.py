@@ -19,11 +19,11 @@ from monai_mdm.data.synthetic import (
     GLAS_GRADE_HEADER,
     MONUSEG_TEST_DIR,
     MONUSEG_TRAIN_DIR,
-    main,
     make_sample,
     monuseg_organ,
     write_examples,
 )
+from monai_mdm.data.synthetic.__main__ import main
 
 GLAS_COUNTS = {"train": 3, "testA": 2, "testB": 1}
 MONUSEG_COUNTS = {"train": 2, "test": 1}
@@ -162,7 +162,7 @@ def test_glands_differ_from_stroma_but_not_by_one_threshold():
 def test_crowded_nuclei_touch_in_clusters():
     """Touching nuclei are what instance post-processing has to split: connected components must merge
     many of them on a crowded organ, and none may share a pixel (the XML rasterises back exactly)."""
-    from monai_mdm.data.synthetic import _nuclei_tile
+    from monai_mdm.data.synthetic.monuseg import _nuclei_tile
 
     for organ, least in (("colon", 0.3), ("bladder", 0.3), ("liver", 0.0)):
         tile = _nuclei_tile(np.random.default_rng(1), (160, 160), organ)

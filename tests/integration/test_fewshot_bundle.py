@@ -203,7 +203,7 @@ def test_random_control_trains_a_head_on_an_untrained_unet(demo_data, tmp_path):
 )
 def test_bad_weights_settings_are_refused_with_the_fix(demo_data, pretrained, tmp_path, settings, match):
     flat = tmp_path / "weights.pt"  # one set of weights that does not say it is an EMA
-    torch.save(torch.load(pretrained.parent / "model.pt", weights_only=True)["state_dict"], flat)
+    torch.save(torch.load(pretrained.parent / "model.pt", weights_only=True)["model"], flat)
     settings = {"pretrained_weights": str(flat), **settings}
     with pytest.raises(Exception) as info:
         run(config_file=str(GLAS / "train.json"), dataset_dir=str(demo_data["glas"]), output_dir=str(tmp_path / "out"),

@@ -138,7 +138,7 @@ def test_weights_of_another_width_are_refused_before_training(demo_data, tmp_pat
 
 def test_face_parts_and_volume_overlays_train_end_to_end(demo_data, tmp_path):
     from helpers import write_face_parts
-    from monai_mdm.data.volumes import write_volumes
+    from monai_mdm.data.synthetic import write_volumes
 
     faces = tmp_path / "faces"
     write_face_parts(faces / "train", n=2, seed=0)

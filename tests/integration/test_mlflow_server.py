@@ -147,8 +147,8 @@ def test_pretraining_records_params_loss_grids_config_and_weights(client, pretra
     (config,) = _artifacts(client, run_id, "config")
     assert json.loads(Path(client.download_artifacts(run_id, config, str(tmp_path))).read_text())["image_size"] == 32
     weights = client.download_artifacts(run_id, "models/model_ema.pt", str(tmp_path))
-    saved = torch.load(pretrain_run / "models" / "model_ema.pt", weights_only=True)["state_dict"]
-    downloaded = torch.load(weights, weights_only=True)["state_dict"]
+    saved = torch.load(pretrain_run / "models" / "model_ema.pt", weights_only=True)["model"]
+    downloaded = torch.load(weights, weights_only=True)["model"]
     assert saved.keys() == downloaded.keys() and all(torch.equal(v, saved[k]) for k, v in downloaded.items())
 
 
@@ -234,7 +234,7 @@ def test_volume_bundle_records_settings_dice_tables_and_a_3d_model(tmp_path, mon
     """Tracked with the bundle's default store (``<output_dir>/mlruns.db``): no server needed."""
     from monai.utils import path_to_sqlite_uri
 
-    from monai_mdm.data.volumes import synthesize_volume, write_volumes
+    from monai_mdm.data.synthetic import synthesize_volume, write_volumes
     from monai_mdm.inferers import load_segmentation_model, make_sliding_window_inferer
     from monai_mdm.networks import MDMUNet
 

@@ -76,7 +76,7 @@ def test_ddp_pretraining_resumes_on_every_rank_and_rank0_alone_writes(ddp_pretra
     ckpt = torch.load(models / "checkpoint_4.pt", weights_only=False)
     assert ckpt["trainer"]["iteration"] == 4
     assert {int(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {4}  # continued, not restarted
-    state = torch.load(models / "model.pt", weights_only=True)["state_dict"]
+    state = torch.load(models / "model.pt", weights_only=True)["model"]
     assert not any(k.startswith("module.") for k in state)  # the plain network is saved, not the DDP wrapper
     MDMUNet.from_preset("tiny").load_state_dict(state)
 
@@ -125,7 +125,7 @@ def test_unreachable_tracking_server_stops_every_rank_before_training(demo_data,
 
 
 def test_ddp_volume_head_training_shards_the_3d_cache_and_rank0_saves(tmp_path):
-    from monai_mdm.data.volumes import write_volumes
+    from monai_mdm.data.synthetic import write_volumes
     from monai_mdm.inferers import MDMSegmenter, load_segmentation_model
     from monai_mdm.networks import MDMUNet
 

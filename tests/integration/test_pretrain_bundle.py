@@ -299,5 +299,5 @@ def test_gradient_checkpointing_trains_the_same_weights(demo_data, tmp_path):
     checkpointed = torch.load(tmp_path / "checkpointed" / "models" / "model.pt", weights_only=False)
     assert checkpointed["network_config"]["use_checkpoint"] is True  # the model file says how it was trained
     assert plain["network_config"]["use_checkpoint"] is False
-    for key, value in plain["state_dict"].items():
-        torch.testing.assert_close(checkpointed["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for key, value in plain["model"].items():
+        torch.testing.assert_close(checkpointed["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)

@@ -14,14 +14,8 @@ from monai.bundle import run, verify_net_in_out
 from PIL import Image
 
 from helpers import BUNDLES, error_chain
-from monai_mdm.data.volumes import (
-    check_volume,
-    convert_to_nifti,
-    main,
-    synthesize_volume,
-    volume_datalist,
-    write_volumes,
-)
+from monai_mdm.data.synthetic import synthesize_volume, write_volumes
+from monai_mdm.data.volumes import check_volume, convert_to_nifti, main, volume_datalist
 
 PRETRAIN = [str(BUNDLES / "mdm_pretrain" / "configs" / n) for n in ("train.json", "volume3d.json")]
 VOLUME = BUNDLES / "mdm_volume_fewshot" / "configs"
@@ -241,7 +235,7 @@ def test_pretraining_on_volumes_writes_3d_checkpoints_and_grids(pretrained):
     assert [p.name for p in models.glob("checkpoint_*.pt")] == ["checkpoint_2.pt"]
     ckpt = torch.load(models / "checkpoint_2.pt", weights_only=False)
     assert ckpt["trainer"]["iteration"] == 2
-    ema = torch.load(models / "model_ema.pt", weights_only=True)["state_dict"]
+    ema = torch.load(models / "model_ema.pt", weights_only=True)["model"]
     assert ema["input_blocks.0.0.weight"].shape == (32, 1, 3, 3, 3)  # tiny3d: one channel in, 3D kernels
     grid = np.asarray(Image.open(pretrained / "grids" / "recon_0000002.png"))
     # two 16^3 samples shown by their middle slices: rows of (masked | reconstruction | target), 2 px gaps

@@ -11,12 +11,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 
-from monai_mdm.data.synthetic import synthesize_tile
 from monai_mdm.utils import atomic_path
+
+from .tiles import synthesize_tile
 
 __all__ = ["SyntheticSlide", "write_synthetic_slide"]
 
@@ -95,21 +95,3 @@ def write_synthetic_slide(
                 **options,
             )  # fmt: skip
     return slide
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Write a synthetic pyramidal slide.")
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--shape", type=int, nargs=2, default=(512, 768), metavar=("H", "W"))
-    parser.add_argument("--mpp", type=float, default=0.62)
-    parser.add_argument("--kind", default="glas", choices=("glas", "monuseg"))
-    args = parser.parse_args(argv)
-    write_synthetic_slide(args.out, tuple(args.shape), args.mpp, kind=args.kind)
-    print(args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
