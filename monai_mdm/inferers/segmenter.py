@@ -155,10 +155,27 @@ class MDMSegmenter(nn.Module):
             for s, t in zip(reversed(spatial), reversed(target)):
                 pad += [0, t - s]
             images = F.pad(images, pad, mode="constant", value=0.0)
-        scores = self.head(self.extractor(images))
+        scores = self.scores_of_blocks(self.extractor.extract_blocks(images), target)
         if target != spatial:
             scores = scores[(slice(None), slice(None), *(slice(0, s) for s in spatial))]
         return scores
+
+    def scores_of_blocks(self, blocks: Sequence[torch.Tensor], spatial_size: Sequence[int]) -> torch.Tensor:
+        """Class scores from the native-resolution decoder blocks, equal (up to float rounding) to
+        ``head(extractor.assemble(blocks, spatial_size))`` without building the assembled map.
+
+        The head's first layer is linear and the upsampling is linear per channel, so each block is projected to
+        the first hidden width at its own resolution, then upsampled (:meth:`PixelMLPHead.forward_blocks`); the
+        L2 norms come from the blocks too (:meth:`MDMFeatureExtractor.assemble_norms`). For the paper network,
+        blocks 8..12 and a 256 px window that is 128 upsampled channels instead of 1728 per pixel (0.5 GB less
+        per window, and the concatenation and division are gone).
+        """
+        ex = self.extractor
+        with ex._grad_mode():  # as assemble: a frozen extractor records no graph even under grad mode
+            norms = ex.assemble_norms(blocks, spatial_size) if ex.normalize else None
+        if self.head.training or torch.is_grad_enabled():  # training (fine-tuning) needs autograd and BatchNorm
+            return self.head.forward_blocks(blocks, spatial_size, norms)
+        return self.head.infer_blocks(blocks, spatial_size, norms)
 
     @torch.no_grad()
     def segment(self, images: torch.Tensor, inferer: Any = None) -> torch.Tensor:
