@@ -331,7 +331,7 @@ class PixelHeadEnsemble(nn.Module):
         folded = [h.folded_layers() for h in self.heads]
         first_w = torch.cat([f[0][0] for f in folded])  # (N * h1, in_channels)
         first_b = torch.cat([f[0][1] for f in folded])
-        dtype, batch = first_w.dtype, int(blocks[0].shape[0])
+        dtype, batch = first_w.dtype, int(blocks[0].shape[0])  # batch only for checks: a trace must not fix it
         offsets = [0]
         for w in widths:
             offsets.append(offsets[-1] + w)
@@ -342,25 +342,26 @@ class PixelHeadEnsemble(nn.Module):
         # without a copy, and bi/trilinear upsampling of a channels-last map is ~10x faster on CPUs than of a
         # channels-first one
         # 1 / norm is one scalar per image: scale each image's copy of the (small) weight instead of its pixels
-        scale = torch.ones(batch, dtype=dtype, device=first_w.device)
+        scale = None
         if norms is not None:
             inv = torch.as_tensor(norms).to(device=first_w.device, dtype=dtype).reshape(-1)
             if inv.numel() not in (1, batch):
                 raise ValueError(f"got {inv.numel()} norms for a batch of {batch}.")
-            scale = scale * inv.clamp_min(_EPS).reciprocal()
+            scale = inv.clamp_min(_EPS).reciprocal().view(-1, 1, 1)
         out: torch.Tensor | None = None
         for native, members in groups.items():
             y: torch.Tensor | None = None
             for i in members:
                 x = blocks[i].to(dtype).flatten(2).transpose(1, 2)  # (B, P_native, C_i), a view
-                w = first_w[:, offsets[i] : offsets[i + 1]].T * scale.view(-1, 1, 1)  # (B, C_i, N * h1)
+                w = first_w[:, offsets[i] : offsets[i + 1]].T[None]  # (1, C_i, N * h1)
+                w = (w if scale is None else w * scale).expand(x.shape[0], -1, -1)  # one (scaled) copy per image
                 y = torch.bmm(x, w) if y is None else y.baddbmm_(x, w)
             assert y is not None
             if native != size:
                 mode = "bilinear" if nd == 2 else "trilinear"
-                y = y.view(batch, *native, -1).movedim(-1, 1)  # channels-last (B, O, *native), no copy
+                y = y.unflatten(1, native).movedim(-1, 1)  # channels-last (B, O, *native), no copy
                 y = F.interpolate(y, size=size, mode=mode, align_corners=False)  # stays channels-last
-                y = y.movedim(1, -1).reshape(batch, -1, y.shape[1])  # (B, P, O), a view of the result
+                y = y.movedim(1, -1).flatten(1, nd)  # (B, P, O), a view of the result
             out = y if out is None else out.add_(y)
         assert out is not None
         out = out.add_(first_b).relu_()  # the bias last, as forward_blocks adds it; the first ReLU of every head
@@ -373,7 +374,7 @@ class PixelHeadEnsemble(nn.Module):
                 h = F.linear(h, w, b)
                 if j < len(layers) - 2:
                     h = h.relu_()
-            probs.append(h.softmax(dim=1).view(batch, *size, -1).movedim(-1, 1))
+            probs.append(h.softmax(dim=1).view(-1, *size, h.shape[1]).movedim(-1, 1))
         return self._blend(torch.stack(probs))[0].contiguous()
 
     def predict_with_uncertainty(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
