@@ -159,3 +159,17 @@ def test_trainable_extractor_passes_gradients_to_the_blocks_that_run():
     with torch.no_grad():  # caches and inference: no graph even when trainable
         assert not ex(_images(1)).requires_grad
     assert not MDMFeatureExtractor(net, blocks=(3, 5))(_images(1)).requires_grad  # frozen again by default
+
+
+@pytest.mark.parametrize(
+    "shape, size", [((2, 5, 8, 12), (16, 48)), ((2, 3, 7, 9), (32, 20)), ((1, 4, 4, 6, 8), (8, 12, 8))]
+)
+def test_norms_at_native_resolution_equal_upsampled(shape, size):
+    """assemble_norms never upsamples, yet gives the norm of the upsampled blocks (any ratio, 2D and 3D)."""
+    from monai_mdm.networks.features import _upsampled_sum_squares
+
+    block = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    mode = "bilinear" if block.ndim == 4 else "trilinear"
+    upsampled = torch.nn.functional.interpolate(block, size=size, mode=mode, align_corners=False)
+    expected = upsampled.square().flatten(1).sum(dim=1)
+    torch.testing.assert_close(_upsampled_sum_squares(block.float(), size).double(), expected, rtol=1e-6, atol=0)
