@@ -166,3 +166,14 @@ def test_progress_bar_auto_is_silent_off_a_terminal(capsys):
     assert capsys.readouterr().err == ""
     with pytest.raises(ValueError, match="progress"):
         make_sliding_window_inferer(WINDOW, progress="sometimes")
+
+
+def test_volumes_equal_the_assembled_path():
+    torch.manual_seed(0)
+    extractor = MDMFeatureExtractor(MDMUNet.from_preset("tiny3d").eval(), blocks=(2, 3, 4, 5), seed=0)
+    head = PixelHeadEnsemble(extractor.out_channels, 3, spatial_dims=3).eval()
+    volumes = torch.rand(2, 1, 16, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert {tuple(b.shape[2:]) for b in extractor.extract_blocks(volumes)} == {(8, 8, 8), (16, 16, 16)}
+        torch.testing.assert_close(MDMSegmenter(extractor, head).eval()(volumes), head(extractor(volumes)),
+                                   rtol=0, atol=1e-5)  # fmt: skip
