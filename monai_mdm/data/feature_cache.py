@@ -12,7 +12,9 @@ blocks are 3 x 384 x 64^2 + 384 x 128^2 + 192 x 128^2 = 14.2 M values = 28.3 MB 
 would be 1728 x 256^2 x 4 B = 453 MB); 8 GlaS images x 16 crops = 3.6 GB. Use :meth:`FeatureCache.bytes_per_crop`
 to plan before computing. With ``disk_dir`` the blocks go to a temporary file there instead of the process's memory
 (written per extraction batch, read back per item), so the host needs only the network, one batch and the labels:
-for 85 GlaS images the 2.3 GB of blocks leave the resident set.
+for 85 GlaS images the 2.3 GB of blocks leave the resident set. A network cast to bfloat16
+(``network.to(torch.bfloat16)``; it casts its input itself) halves the frozen weights while caching (1.24 -> 0.62
+GB for the paper network); the features stay within ~1 % of float32's and the stored norms are float32.
 """
 
 from __future__ import annotations

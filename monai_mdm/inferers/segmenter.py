@@ -5,6 +5,10 @@ Gaussian blending, as in the paper) can run it over whole slides. Use windows of
 on: the per-image L2 normalisation makes features depend on the image area, so a head trained on 256 x 256 crops
 should also see 256 x 256 windows.
 
+Inference never builds the assembled feature map (1728 channels at the window's size for the paper's blocks):
+the head's first layer runs on each decoder block at the block's own resolution and only its 128-channel output
+is upsampled (:meth:`MDMSegmenter.scores_of_blocks`); the scores equal the assembled path's up to float rounding.
+
 ``torch.jit.trace`` (``python -m monai.bundle ckpt_export --use_trace True``) exports it for one window size: the
 seeded feature mask of that size is stored in the trace and other sizes are refused (see the bundles' README).
 """
@@ -91,7 +95,9 @@ def make_sliding_window_inferer(
     """The paper's inference: windows of ``roi_size``, ``overlap``, Gaussian blending.
 
     MONAI pads images smaller than the window (centred, constant 0 = mid-grey for [-1, 1] images) and crops the
-    output back, so every window the segmenter sees has exactly ``roi_size``. Extra ``kwargs`` go to
+    output back, so every window the segmenter sees has exactly ``roi_size``. Host memory grows with
+    ``sw_batch_size`` (the paper network holds ~0.45 GB of activations per 256 px window); on a CPU, where
+    batching windows buys little speed, ``sw_batch_size=1`` keeps the peak lowest. Extra ``kwargs`` go to
     :class:`ProgressSlidingWindowInferer` (``progress``: ``"auto"``, ``True``, ``False``) and
     :class:`monai.inferers.SlidingWindowInferer` (e.g. ``sw_device``, ``device``).
     """
