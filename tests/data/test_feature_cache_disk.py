@@ -55,3 +55,25 @@ def test_disk_cache_equals_memory_cache(extractor, tmp_path, fp16):
 def test_disk_dir_must_exist(extractor, tmp_path):
     with pytest.raises(ValueError, match="disk_dir .*missing.* is not a directory"):
         FeatureCache(extractor, _pairs(1), crop_size=32, crops_per_image=1, disk_dir=tmp_path / "missing")
+
+
+def test_full_size_images_are_not_held_while_planning(extractor):
+    """Each image is let go once its crops are cut: the cache never holds the whole data set at full size."""
+    import weakref
+
+    alive: list[weakref.ref] = []
+
+    class Images:
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            gc.collect()
+            held = sum(r() is not None for r in alive)  # the previous one may still sit in the loop's iterator
+            assert held <= 1, f"image {i} is read while {held} earlier full-size images are still held"
+            image = torch.rand(3, 96, 96) * 2 - 1
+            alive.append(weakref.ref(image))
+            return image, torch.zeros(1, 96, 96, dtype=torch.long)
+
+    cache = FeatureCache(extractor, Images(), crop_size=32, crops_per_image=2)
+    assert len(cache) == 8
