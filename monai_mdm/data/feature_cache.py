@@ -14,7 +14,8 @@ to plan before computing. With ``disk_dir`` the blocks go to a temporary file th
 (written per extraction batch, read back per item), so the host needs only the network, one batch and the labels:
 for 85 GlaS images the 2.3 GB of blocks leave the resident set. A network cast to bfloat16
 (``network.to(torch.bfloat16)``; it casts its input itself) halves the frozen weights while caching (1.24 -> 0.62
-GB for the paper network); the features stay within ~1 % of float32's and the stored norms are float32.
+GB for the paper network); the features stay within 2 % of float32's (0.3-0.5 % relative L2 measured on the
+tiny preset) and the stored norms are float32.
 """
 
 from __future__ import annotations
