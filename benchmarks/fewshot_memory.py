@@ -276,6 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="cached steps build the assembled feature map for the plain head (the old way) instead of running "
         "the head's first layer blockwise on the native-resolution blocks (BlockwiseHead)",
     )  # fmt: skip
+    p.add_argument(
+        "--disk-cache", default=None, metavar="DIR",
+        help="keep the cached blocks in a temporary file in DIR (FeatureCache disk_dir) instead of in memory",
+    )  # fmt: skip
+    p.add_argument(
+        "--network-bf16", action="store_true",
+        help="the frozen network in bfloat16 (half the weights' memory; features within ~1%% of float32)",
+    )  # fmt: skip
     p.add_argument("--tiles", action="store_true", help="H&E-like synthetic tiles instead of noise images")
     p.add_argument("--skip-inference", action="store_true", help="leave out the sliding-window timing")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -293,6 +301,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("--warmup must not be negative.")
     if any(s < args.crop_size for s in args.image_size):
         parser.error(f"--image-size {args.image_size} must be at least --crop-size {args.crop_size} in both dims.")
+    if args.disk_cache is not None and not Path(args.disk_cache).is_dir():
+        parser.error(f"--disk-cache {args.disk_cache}: not a directory (the cache file is written there).")
     if args.num_classes > IGNORE_INDEX:
         parser.error(f"--num-classes must be below the ignore index {IGNORE_INDEX}.")
 
@@ -323,6 +333,8 @@ def run_benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser, dev
     # ---- network, extractor and data (random weights, synthetic images)
     torch.manual_seed(args.seed)
     network = MDMUNet.from_preset(args.preset).to(device)
+    if args.network_bf16:
+        network = network.to(torch.bfloat16)  # the network casts its input to its weights' dtype
     try:
         extractor = MDMFeatureExtractor(network, blocks=blocks, timestep=50, seed=args.seed)
     except ValueError as err:
@@ -342,7 +354,8 @@ def run_benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser, dev
     print(
         f"           steps={args.steps} warmup={args.warmup} epochs={args.epochs} fp16_cache={args.fp16_cache} "
         f"extract_batch={args.extract_batch} sw_batch={args.sw_batch} overlap={OVERLAP} t=50 device={device.type} "
-        f"seed={args.seed} cached_head={cached_way}"
+        f"seed={args.seed} cached_head={cached_way} network={'bf16' if args.network_bf16 else 'fp32'} "
+        f"cache_in={'disk: ' + args.disk_cache if args.disk_cache else 'memory'}"
     )
     for line in describe_machine(device):
         print(line)
@@ -362,7 +375,7 @@ def run_benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser, dev
     build_s, cache = timed(
         lambda: FeatureCache(
             extractor, data, crop_size=crop, crops_per_image=k, fp16=args.fp16_cache, seed=args.seed,
-            batch_size=args.extract_batch, device=device, ignore_index=IGNORE_INDEX,
+            batch_size=args.extract_batch, device=device, ignore_index=IGNORE_INDEX, disk_dir=args.disk_cache,
         ),
         device,
     )  # fmt: skip

@@ -5,6 +5,10 @@ Gaussian blending, as in the paper) can run it over whole slides. Use windows of
 on: the per-image L2 normalisation makes features depend on the image area, so a head trained on 256 x 256 crops
 should also see 256 x 256 windows.
 
+Inference never builds the assembled feature map (1728 channels at the window's size for the paper's blocks):
+the head's first layer runs on each decoder block at the block's own resolution and only its 128-channel output
+is upsampled (:meth:`MDMSegmenter.scores_of_blocks`); the scores equal the assembled path's up to float rounding.
+
 ``torch.jit.trace`` (``python -m monai.bundle ckpt_export --use_trace True``) exports it for one window size: the
 seeded feature mask of that size is stored in the trace and other sizes are refused (see the bundles' README).
 """
@@ -13,13 +17,17 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from monai.data.utils import dense_patch_slices
 from monai.inferers import SlidingWindowInferer
+from monai.utils import fall_back_tuple
 from torch import nn
+from tqdm import tqdm
 
 from monai_mdm.networks.features import MDMFeatureExtractor
 from monai_mdm.networks.interchange import check_model_file, model_file
@@ -28,25 +36,75 @@ from monai_mdm.networks.pixel_head import PixelHeadEnsemble, PixelMLPHead
 from monai_mdm.transforms.corruption import Corruption, GaussianNoise, PatchMasking
 from monai_mdm.utils import atomic_torch_save, guard_traced_size, load_torch_file
 
-__all__ = ["MDMSegmenter", "make_sliding_window_inferer"]
+__all__ = ["MDMSegmenter", "ProgressSlidingWindowInferer", "make_sliding_window_inferer"]
 
 SEGMENTER_FORMAT = "monai_mdm.segmenter"
 _UNSET = object()
 
 
+class ProgressSlidingWindowInferer(SlidingWindowInferer):
+    """MONAI's ``SlidingWindowInferer`` with a window-count progress bar (tqdm) for images that take a while.
+
+    Args:
+        progress: ``"auto"`` (default): a bar that appears once an image has taken ``progress_delay`` seconds and
+            only when stderr is a terminal, so a whole-slide image run by hand shows how far it is while tests,
+            log files and quick images stay clean (a bar in a log file is a long line of carriage returns);
+            ``True``: always (from the first window); ``False``: never.
+        progress_delay: seconds before the ``"auto"`` bar appears.
+        kwargs: :class:`monai.inferers.SlidingWindowInferer`'s arguments (its own ``progress`` is replaced).
+    """
+
+    def __init__(self, *args: Any, progress: bool | str = "auto", progress_delay: float = 2.0, **kwargs: Any):
+        if progress not in (True, False, "auto"):
+            raise ValueError(f"progress must be True, False or 'auto', got {progress!r}.")
+        super().__init__(*args, progress=False, **kwargs)
+        self.show_progress = progress
+        self.progress_delay = float(progress_delay)
+        self.progress_file: Any = None  # where the bar goes; None = sys.stderr
+
+    def count_windows(self, spatial_size: Sequence[int]) -> int:
+        """Windows per image of ``spatial_size``, as MONAI places them (images smaller than the window are
+        padded to it; the scan interval is ``int(roi * (1 - overlap))``, at least 1)."""
+        roi = fall_back_tuple(self.roi_size, spatial_size)
+        size = [max(int(s), int(r)) for s, r in zip(spatial_size, roi)]
+        overlap = self.overlap if isinstance(self.overlap, Sequence) else [self.overlap] * len(size)
+        interval = [r if r == s else max(int(r * (1 - o)), 1) for s, r, o in zip(size, roi, overlap)]
+        return len(dense_patch_slices(size, roi, interval))
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
+        stream = self.progress_file if self.progress_file is not None else sys.stderr
+        show = self.show_progress is True or (self.show_progress == "auto" and stream.isatty())
+        if not show:
+            return super().__call__(inputs, network, *args, **kwargs)
+        total = self.count_windows(inputs.shape[2:]) * int(inputs.shape[0])
+        always = self.show_progress is True  # asked for: shown from the start and left on screen when done
+        delay = 0.0 if always else self.progress_delay
+        with tqdm(total=total, unit="window", desc="sliding window", file=stream, delay=delay, leave=always) as bar:
+
+            def counted(windows: torch.Tensor, *a: Any, **k: Any) -> Any:
+                out = network(windows, *a, **k)
+                bar.update(int(windows.shape[0]))
+                return out
+
+            return super().__call__(inputs, counted, *args, **kwargs)
+
+
 def make_sliding_window_inferer(
     roi_size: int | Sequence[int] = 256, overlap: float = 0.2, sw_batch_size: int = 4, **kwargs: Any
-) -> SlidingWindowInferer:
+) -> ProgressSlidingWindowInferer:
     """The paper's inference: windows of ``roi_size``, ``overlap``, Gaussian blending.
 
     MONAI pads images smaller than the window (centred, constant 0 = mid-grey for [-1, 1] images) and crops the
-    output back, so every window the segmenter sees has exactly ``roi_size``. Extra ``kwargs`` go to
-    :class:`monai.inferers.SlidingWindowInferer` (e.g. ``sw_device``, ``device``, ``progress``).
+    output back, so every window the segmenter sees has exactly ``roi_size``. Host memory grows with
+    ``sw_batch_size`` (the paper network holds ~0.45 GB of activations per 256 px window); on a CPU, where
+    batching windows buys little speed, ``sw_batch_size=1`` keeps the peak lowest. Extra ``kwargs`` go to
+    :class:`ProgressSlidingWindowInferer` (``progress``: ``"auto"``, ``True``, ``False``) and
+    :class:`monai.inferers.SlidingWindowInferer` (e.g. ``sw_device``, ``device``).
     """
     kwargs.setdefault("mode", "gaussian")
     kwargs.setdefault("padding_mode", "constant")
     kwargs.setdefault("cval", 0.0)
-    return SlidingWindowInferer(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, **kwargs)
+    return ProgressSlidingWindowInferer(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, **kwargs)
 
 
 def _corruption_to_dict(corruption: Corruption | None) -> dict[str, Any] | None:
@@ -155,10 +213,27 @@ class MDMSegmenter(nn.Module):
             for s, t in zip(reversed(spatial), reversed(target)):
                 pad += [0, t - s]
             images = F.pad(images, pad, mode="constant", value=0.0)
-        scores = self.head(self.extractor(images))
+        scores = self.scores_of_blocks(self.extractor.extract_blocks(images), target)
         if target != spatial:
             scores = scores[(slice(None), slice(None), *(slice(0, s) for s in spatial))]
         return scores
+
+    def scores_of_blocks(self, blocks: Sequence[torch.Tensor], spatial_size: Sequence[int]) -> torch.Tensor:
+        """Class scores from the native-resolution decoder blocks, equal (up to float rounding) to
+        ``head(extractor.assemble(blocks, spatial_size))`` without building the assembled map.
+
+        The head's first layer is linear and the upsampling is linear per channel, so each block is projected to
+        the first hidden width at its own resolution, then upsampled (:meth:`PixelMLPHead.forward_blocks`); the
+        L2 norms come from the blocks too (:meth:`MDMFeatureExtractor.assemble_norms`). For the paper network,
+        blocks 8..12 and a 256 px window that is 128 upsampled channels instead of 1728 per pixel (0.5 GB less
+        per window, and the concatenation and division are gone).
+        """
+        ex = self.extractor
+        with ex._grad_mode():  # as assemble: a frozen extractor records no graph even under grad mode
+            norms = ex.assemble_norms(blocks, spatial_size) if ex.normalize else None
+        if self.head.training or torch.is_grad_enabled():  # training (fine-tuning) needs autograd and BatchNorm
+            return self.head.forward_blocks(blocks, spatial_size, norms)
+        return self.head.infer_blocks(blocks, spatial_size, norms)
 
     @torch.no_grad()
     def segment(self, images: torch.Tensor, inferer: Any = None) -> torch.Tensor:

@@ -12,10 +12,12 @@ With ``trainable=True`` gradients flow through both stages into the UNet, for en
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.utils import convert_to_tensor
@@ -42,6 +44,40 @@ def _upsample(block: torch.Tensor, spatial_size: Sequence[int]) -> torch.Tensor:
 
 def _sum_squares(x: torch.Tensor) -> torch.Tensor:
     return x.square().flatten(1).sum(dim=1)
+
+
+@functools.lru_cache(maxsize=64)
+def _upsampling_gram(native: int, size: int) -> np.ndarray:
+    """``U^T U`` (native x native, float64) of the 1-D linear upsampling ``U`` (size x native) that
+    ``F.interpolate(..., align_corners=False)`` applies along one dim (bi/trilinear is separable)."""
+    # PyTorch's source coordinate for output pixel j: (j + 0.5) * native / size - 0.5, clamped at 0; computed
+    # in numpy so that a trace (export) stores the matrix as a constant instead of recording how it was made
+    src = np.maximum((np.arange(size) + 0.5) * (native / size) - 0.5, 0.0)
+    low = np.minimum(np.floor(src).astype(np.int64), native - 1)
+    high = np.minimum(low + 1, native - 1)
+    frac = src - low
+    u = np.zeros((size, native))
+    np.add.at(u, (np.arange(size), low), 1.0 - frac)
+    np.add.at(u, (np.arange(size), high), frac)
+    return u.T @ u  # never written to: callers make tensors from it and only read them
+
+
+def _upsampled_sum_squares(block: torch.Tensor, spatial_size: Sequence[int]) -> torch.Tensor:
+    """(B,) sum of squares of ``_upsample(block, spatial_size)``, without building the upsampled map.
+
+    With the separable upsampling ``U = U_1 x U_2 (x U_3)``, ``||U X||^2 = <X, (G_1 x G_2 ...) X>`` with the
+    small Gram matrices ``G_d = U_d^T U_d``: the sum is taken at the block's native resolution (1/4 or 1/16 of
+    the memory and work for 2x / 4x smaller blocks). Equal to the upsampled sum up to float rounding.
+    """
+    x = block.float()
+    y = x
+    for dim, (native, size) in enumerate(zip(x.shape[2:], spatial_size)):
+        if int(native) == int(size):
+            continue
+        # a fresh tensor from the cached array on every call, so that every trace records the same graph
+        gram = torch.from_numpy(_upsampling_gram(int(native), int(size))).to(device=x.device, dtype=x.dtype)
+        y = torch.movedim(torch.movedim(y, 2 + dim, -1) @ gram, -1, 2 + dim)  # G is symmetric
+    return (x * y).flatten(1).sum(dim=1)
 
 
 class MDMFeatureExtractor(nn.Module):
@@ -196,6 +232,11 @@ class MDMFeatureExtractor(nn.Module):
         t = torch.full((b,), self.timestep, dtype=torch.long, device=images.device)
         if seeds is None and self.seed is None:
             return self.corruption(images, t)
+        if seeds is None and isinstance(self.corruption, PatchMasking):
+            # every image gets the mask of the extractor's seed: draw it once for the batch (a sliding window's
+            # batches of windows, a few-shot batch), not once per image
+            keep = self._seeded_keep_mask([int(s) for s in images.shape[2:]], images.device)
+            return images.masked_fill(~keep, self.corruption.fill_value)
         if seeds is None:
             seeds = [self.seed] * b
         seeds = [int(s) for s in (seeds.tolist() if torch.is_tensor(seeds) else seeds)]
@@ -228,12 +269,16 @@ class MDMFeatureExtractor(nn.Module):
                 "Export needs PatchMasking (MDM) features with a fixed seed, or no corruption."
             )
         images = guard_traced_size(images)
-        spatial = [int(s) for s in images.shape[2:]]
+        # through numpy the mask leaves the recorded graph: the trace stores its value as a constant
+        keep = torch.from_numpy(self._seeded_keep_mask([int(s) for s in images.shape[2:]], "cpu").numpy())
+        return images.masked_fill(~keep.to(images.device), self.corruption.fill_value)
+
+    def _seeded_keep_mask(self, spatial: Sequence[int], device: torch.device | str) -> torch.Tensor:
+        """(1, 1, *spatial) keep mask that every image of this size gets from the extractor's seed (PatchMasking),
+        drawn on the CPU as the per-image path draws it, so both give the same mask on any device."""
         generator = torch.Generator().manual_seed(self.seed)
         keep = self.corruption.keep_mask(spatial, torch.tensor([self.timestep]), "cpu", generator)
-        # through numpy the mask leaves the recorded graph: the trace stores its value as a constant
-        keep = torch.from_numpy(keep.numpy()).to(images.device)
-        return images.masked_fill(~keep, self.corruption.fill_value)  # (1, 1, *spatial) mask: same for every image
+        return keep.to(device)
 
     def extract_blocks(
         self, images: torch.Tensor, seeds: Sequence[int] | torch.Tensor | None = None
@@ -265,13 +310,14 @@ class MDMFeatureExtractor(nn.Module):
     # ------------------------------------------------------------------ stage 2: assemble
 
     def assemble_norms(self, blocks: Sequence[torch.Tensor], spatial_size: Sequence[int]) -> torch.Tensor:
-        """(B,) L2 norm of each image's assembled map, computed block by block (no concatenated copy).
+        """(B,) L2 norm of each image's assembled map, computed block by block at native resolution: neither the
+        upsampled blocks nor their concatenation are built (see ``_upsampled_sum_squares``).
 
-        Cache it next to low-precision blocks so that the normalisation stays exactly that of float32.
+        Cache it next to low-precision blocks so that the normalisation stays that of float32.
         """
         total = None
         for blk in blocks:
-            s = _sum_squares(_upsample(blk, spatial_size))
+            s = _upsampled_sum_squares(blk, spatial_size)
             total = s if total is None else total + s
         return total.sqrt()
 
@@ -301,10 +347,7 @@ class MDMFeatureExtractor(nn.Module):
         feats = torch.cat(ups, dim=1)
         if self.normalize:
             if norms is None:
-                total = _sum_squares(ups[0])
-                for u in ups[1:]:
-                    total = total + _sum_squares(u)  # same summation order as assemble_norms: identical values
-                norms = total.sqrt()
+                norms = self.assemble_norms(blocks, spatial_size)  # the very norms a cache stores
             norms = norms.to(device=feats.device, dtype=feats.dtype).clamp_min(_EPS)
             feats = feats / norms.view(-1, *([1] * (feats.ndim - 1)))
         return feats

@@ -166,3 +166,29 @@ def test_gpu_suite_stops_before_running_when_something_is_missing(tmp_path, caps
     err = capsys.readouterr().err
     assert "python module 'monai_not_installed' cannot be imported" in err and "device_wheels.sh" in err
     assert "torchrun (no-such-torchrun) is not there" in err
+
+
+def test_inference_throughput_smoke(capsys):
+    bench = _load(SCRIPT.parent / "inference_throughput.py")
+    argv = ["--preset", "tiny", "--window", "32", "--image-size", "48", "80", "--sw-batch", "2", "--reps", "2",
+            "--warmup", "0", "--compare-assembled", "--threads", "1"]  # fmt: skip
+    assert bench.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "command  : python benchmarks/inference_throughput.py " + " ".join(argv)
+    header, rows = _table(lines, "Per window")
+    assert header == ["path", "ms/window", "min_ms", "Mpx/s", "x_floor", "x_floor_min"]
+    names = [" ".join(r[: len(r) - 5]) for r in rows]
+    assert names == ["segmenter", "bare decoder", "assembled head (old)"]
+    assert [float(v) for v in rows[1][-2:]] == [1.0, 1.0]  # the floor against itself
+    _, image_rows = _table(lines, "One image")
+    figures = {r[0]: float(r[1]) for r in image_rows}
+    assert set(figures) == {"time", "throughput", "peak_rss"} and all(v > 0 for v in figures.values())
+    assert "6 windows of 32 px" in " ".join(image_rows[0])  # 48 x 80: 2 x 3 windows
+
+
+def test_pretrain_step_profile_smoke(capsys):
+    bench = _load(SCRIPT.parent / "pretrain_step_profile.py")
+    assert bench.main(["--image-size", "16", "--batch", "2", "--steps", "1", "--warmup", "0", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  ")[0].strip() for line in lines[1:6]] == list(bench.PARTS)
+    assert lines[-1].startswith("step (sum of the medians)")

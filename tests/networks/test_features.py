@@ -159,3 +159,36 @@ def test_trainable_extractor_passes_gradients_to_the_blocks_that_run():
     with torch.no_grad():  # caches and inference: no graph even when trainable
         assert not ex(_images(1)).requires_grad
     assert not MDMFeatureExtractor(net, blocks=(3, 5))(_images(1)).requires_grad  # frozen again by default
+
+
+@pytest.mark.parametrize(
+    "shape, size", [((2, 5, 8, 12), (16, 48)), ((2, 3, 7, 9), (32, 20)), ((1, 4, 4, 6, 8), (8, 12, 8))]
+)
+def test_norms_at_native_resolution_equal_upsampled(shape, size):
+    """assemble_norms never upsamples, yet gives the norm of the upsampled blocks (any ratio, 2D and 3D)."""
+    from monai_mdm.networks.features import _upsampled_sum_squares
+
+    block = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    mode = "bilinear" if block.ndim == 4 else "trilinear"
+    upsampled = torch.nn.functional.interpolate(block, size=size, mode=mode, align_corners=False)
+    expected = upsampled.square().flatten(1).sum(dim=1)
+    torch.testing.assert_close(_upsampled_sum_squares(block.float(), size).double(), expected, rtol=1e-6, atol=0)
+
+
+def test_bfloat16_network_features_stay_within_tolerance_of_float32():
+    """The frozen network in bfloat16 (half the weights' memory while caching): the assembled features stay
+    within 2 % (relative L2, per image) of float32's on the tiny preset; measured 0.3-0.5 %."""
+    import copy
+
+    torch.manual_seed(0)
+    net = MDMUNet.from_preset("tiny").eval()
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        full = MDMFeatureExtractor(net, blocks=(3, 4, 5, 6, 7), seed=0)(images)
+        half_ex = MDMFeatureExtractor(copy.deepcopy(net).to(torch.bfloat16), blocks=(3, 4, 5, 6, 7), seed=0)
+        blocks = half_ex.extract_blocks(images)
+        half = half_ex.assemble(blocks, (64, 64))
+    assert {b.dtype for b in blocks} == {torch.bfloat16} and half.dtype == torch.float32
+    error = (half - full).flatten(1).norm(dim=1) / full.flatten(1).norm(dim=1)
+    assert float(error.max()) < 2e-2, error
+    assert float(error.max()) > 0  # really computed in another precision
