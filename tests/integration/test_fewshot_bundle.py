@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 from pathlib import Path
@@ -314,3 +315,17 @@ def test_watershed_on_a_two_class_model_says_what_to_do(monuseg_run, demo_data, 
                      r"--instances connected_components", error_chain(info.value), re.S)  # fmt: skip
     doc = _monuseg_evaluation(demo_data, two_class, instances="connected_components")
     assert len(doc["rows"]) == 2
+
+
+def test_cache_dir_keeps_the_features_on_disk_and_trains_the_same_head(mdm_run, demo_data, pretrained, tmp_path):
+    """``--cache_dir``: the cached features live in a temporary file there (gone after the run), same training."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    out = tmp_path / "disk"
+    run(config_file=str(GLAS / "train.json"), dataset_dir=str(demo_data["glas"]), output_dir=str(out),
+        pretrained_weights=str(pretrained), label_budget=0.2, cache_dir=str(cache), **HEAD)  # fmt: skip
+    disk = torch.load(out / "models" / "model.pt", weights_only=True)["head_state"]
+    memory = torch.load(mdm_run / "models" / "model.pt", weights_only=True)["head_state"]
+    assert set(disk) == set(memory) and all(torch.equal(disk[k], memory[k]) for k in memory)
+    gc.collect()  # the run's objects are garbage once run() returns; a command-line run removes it at exit
+    assert not list(cache.iterdir())  # the cache file is removed with the cache
