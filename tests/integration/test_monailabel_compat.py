@@ -25,13 +25,9 @@ FEWSHOT = ["mdm_glas_fewshot", "mdm_monuseg_fewshot", "mdm_face_parts_fewshot"]
 
 
 @pytest.fixture(scope="module")
-def trained_model(demo_data, tiny_pretrained, tmp_path_factory) -> Path:
-    """A tiny GlaS segmenter written by the bundle's own train.json (2 pretraining steps, 2 head steps)."""
-    out = tmp_path_factory.mktemp("head")
-    run(config_file=str(BUNDLES / "mdm_glas_fewshot" / "configs" / "train.json"), dataset_dir=str(demo_data["glas"]),
-        output_dir=str(out), pretrained_weights=str(tiny_pretrained / "model_ema.pt"), label_budget=1,
-        crop_size=32, crops_per_image=2, max_steps=2, epoch_length=2, warmup_epochs=0)  # fmt: skip
-    return out / "models" / "model.pt"
+def trained_model(tiny_glas_model) -> Path:
+    """The session's tiny GlaS segmenter, written by the bundle's own train.json."""
+    return tiny_glas_model
 
 
 def install_in_app(bundle: str, model: Path, app: Path) -> Path:
