@@ -180,8 +180,9 @@ def test_slide_nuclei_equal_the_post_processing_of_the_whole_label_map(slide, me
 def test_label_values_merge_classes_in_the_tiff_and_bad_settings_are_refused(slide, tmp_path):
     plain = SlideInferer(mpp=0.62, window_size=WINDOW, tissue_threshold=0)(str(slide[0]), _IntensityClasses(),
                                                                             str(tmp_path / "a"))  # fmt: skip
-    merged = SlideInferer(mpp=0.62, window_size=WINDOW, tissue_threshold=0, label_values=[0, 1, 1])(
-        str(slide[0]), _IntensityClasses(), str(tmp_path / "b"))  # fmt: skip
+    merging = SlideInferer(mpp=0.62, window_size=WINDOW, tissue_threshold=0, label_values=[0, 1, 1], instances="none")
+    merged = merging(str(slide[0]), _IntensityClasses(), str(tmp_path / "b"))
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["slide_seg.tif"] and "nuclei" not in merged
     with tifffile.TiffFile(merged["output"]) as tif:
         levels = [level.asarray() for level in tif.series[0].levels]
     np.testing.assert_array_equal(levels[0], tifffile.imread(plain["output"], level=0) > 0)
