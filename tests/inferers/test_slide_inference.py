@@ -189,7 +189,8 @@ def test_label_values_merge_classes_in_the_tiff_and_bad_settings_are_refused(sli
     np.testing.assert_array_equal(levels[1], levels[0][::2, ::2])  # the sub-levels hold the merged values too
     with pytest.raises(ValueError, match="--instances must be one of watershed, connected_components, none; got 'x'"):
         SlideInferer(instances="x")
-    with pytest.raises(ValueError, match=r"--label_values \[0, 1\]: one value per class needed, the network predicts 3"):
+    short = r"--label_values \[0, 1\]: one value per class needed, the network predicts 3"
+    with pytest.raises(ValueError, match=short):
         SlideInferer(mpp=0.62, window_size=WINDOW, label_values=[0, 1])(str(slide[0]), _IntensityClasses(),
                                                                          str(tmp_path / "c"))  # fmt: skip
     assert list((tmp_path / "c").iterdir()) == []
