@@ -47,6 +47,7 @@ _EXPORTS = {
     "slide_reader_class": "wsi",
     "synthesize_tile": "synthetic",
     "synthesize_volume": "synthetic",
+    "tiled_nucleus_instances": "instance_export",
     "tissue_mask": "wsi",
     "volume_datalist": "volumes",
     "write_demo_data": "synthetic",
@@ -56,6 +57,7 @@ _EXPORTS = {
     "write_label_tiff": "instance_export",
     "write_monuseg": "synthetic",
     "write_nucleus_instances": "instance_export",
+    "write_slide_nuclei": "instance_export",
     "write_synthetic_slide": "synthetic",
     "write_volumes": "synthetic",
 }

@@ -17,7 +17,7 @@ import math
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,9 @@ from monai.inferers import PatchInferer, WSISlidingWindowSplitter, ZarrAvgMerger
 from monai.utils import optional_import
 from torch import nn
 
+from monai_mdm.data.instance_export import write_slide_nuclei
 from monai_mdm.data.wsi import open_slide, select_level, slide_reader_class, tissue_mask, write_label_pyramid
+from monai_mdm.transforms.array import INSTANCE_METHODS
 from monai_mdm.utils import prepare_output_folder
 
 __all__ = ["SlideInferer"]
@@ -63,6 +65,13 @@ class SlideInferer:
             every window).
         tile_size: tile side of the output TIFF.
         device: where the network runs (default: that of its parameters).
+        instances: ``watershed`` or ``connected_components`` also writes the nuclei of a
+            :data:`~monai_mdm.transforms.NUCLEUS_CLASSES` model as ``<slide name>_nuclei.geojson`` (QuPath
+            detections in level-0 pixels); ``none`` (default) writes only the label TIFF.
+        label_values: the value the TIFF holds for each class (default: the class index); MoNuSeg's ``[0, 1, 1]``
+            writes the nucleus mask QuPath users expect, interior and boundary alike.
+        nucleus_tile, nucleus_margin: the nuclei are post-processed in tiles of this side with this margin (at
+            least one nucleus diameter), so memory does not grow with the slide.
     """
 
     def __init__(
@@ -77,9 +86,18 @@ class SlideInferer:
         tissue_threshold: float | None = None,
         tile_size: int = 256,
         device: str | torch.device | None = None,
+        instances: str | None = None,
+        label_values: Sequence[int] | None = None,
+        nucleus_tile: int = 1024,
+        nucleus_margin: int = 64,
     ) -> None:
         if not 0.0 <= float(overlap) < 1.0:
             raise ValueError(f"--overlap {overlap}: must be in [0, 1).")
+        if instances not in (None, "none", *INSTANCE_METHODS):
+            raise ValueError(f"--instances must be one of {', '.join(INSTANCE_METHODS)}, none; got {instances!r}.")
+        self.instances = None if instances in (None, "none") else instances
+        self.label_values = None if label_values is None else np.asarray(label_values, dtype=np.uint8)
+        self.nucleus_tile, self.nucleus_margin = int(nucleus_tile), int(nucleus_margin)
         self.mpp, self.level, self.mpp_rtol = mpp, level, float(mpp_rtol)
         self.reader_class = slide_reader_class(backend)
         self.window, self.overlap, self.batch_size = int(window_size), float(overlap), int(batch_size)
@@ -106,10 +124,27 @@ class SlideInferer:
         out = prepare_output_folder(output_dir)
         final = out / f"{Path(str(slide)).stem}_seg.tif"
         scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=out))
+        nuclei = out / f"{Path(str(slide)).stem}_nuclei.geojson"
         try:
             scores, info = self.blend(slide, network, scratch)
+            if self.label_values is not None and len(self.label_values) < scores.shape[1] - 1:
+                raise ValueError(
+                    f"--label_values {self.label_values.tolist()}: one value per class needed, the network "
+                    f"predicts {scores.shape[1] - 1}."
+                )
             labels = np.lib.format.open_memmap(scratch / "labels.npy", "w+", np.uint8, info["shape"])
-            write_label_pyramid(final, labels, info["mpp"], self.tile_size, lambda: self._label_tiles(scores, labels))
+            for _ in self._label_tiles(scores, labels):
+                pass
+            if self.instances is not None:
+                info["nuclei"] = write_slide_nuclei(
+                    nuclei, labels, self.instances, scale=info["downsample"], tile=self.nucleus_tile,
+                    margin=self.nucleus_margin,
+                )  # fmt: skip
+                info["nuclei_output"] = str(nuclei)
+            if self.label_values is not None:
+                for top in range(0, labels.shape[0], self.tile_size):
+                    labels[top : top + self.tile_size] = self.label_values[labels[top : top + self.tile_size]]
+            write_label_pyramid(final, labels, info["mpp"], self.tile_size)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         logger.info(
@@ -159,7 +194,8 @@ class SlideInferer:
             scores = inferer(str(slide), weighted)
         if counts["run"] == 0:
             raise ValueError(f"'{slide}': no window of the slide holds tissue; lower --tissue_threshold.")
-        return scores, {"level": level, "mpp": mpp, "shape": (height, width), **counts}
+        downsample = float(reader.get_downsample_ratio(wsi, level))
+        return scores, {"level": level, "mpp": mpp, "downsample": downsample, "shape": (height, width), **counts}
 
     def _label_tiles(self, scores, labels: np.ndarray) -> Iterator[np.ndarray]:
         """Level-0 tiles of the argmax of the blended scores (background where no window ran), kept in ``labels``."""

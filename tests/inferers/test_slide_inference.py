@@ -134,3 +134,63 @@ class _Failing(_Counting):
         if len(self.calls) >= self.after:
             raise RuntimeError("CUDA out of memory (simulated)")
         return super().forward(images)
+
+
+class _IntensityClasses(torch.nn.Module):
+    """Three classes by the pixel's mean intensity (dark: nucleus interior, mid: boundary, bright: background);
+    pointwise, so the Gaussian blend of overlapping windows gives the same classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.centres = torch.nn.Parameter(torch.tensor([0.6, -0.4, 0.1]), requires_grad=False)
+
+    def forward(self, images):
+        mean = images.mean(dim=1, keepdim=True)
+        return -((mean - self.centres[None, :, None, None]) ** 2)
+
+
+@pytest.mark.parametrize("method", ["watershed", "connected_components"])
+def test_slide_nuclei_equal_the_post_processing_of_the_whole_label_map(slide, method, tmp_path):
+    """Each nucleus is written once, with the outline the whole label map's post-processing in memory gives it
+    (the outlines compared as written: rasterising a file of many nuclei decides pixels on a diagonal contact
+    between two of them by the features' order, which tiles change). The slide has nuclei across every seam of
+    the 128 px tiles."""
+    import json
+
+    from monai_mdm.data import instances_to_geojson
+    from monai_mdm.transforms import nucleus_instances
+
+    # the margin spans the largest region of the intensity classes (connected components merge touching nuclei)
+    inferer = SlideInferer(mpp=0.62, window_size=WINDOW, tissue_threshold=0, instances=method, nucleus_tile=128,
+                           nucleus_margin=100)  # fmt: skip
+    info = inferer(str(slide[0]), _IntensityClasses(), str(tmp_path / "out"))
+    labels = tifffile.imread(info["output"], level=0)
+    whole = nucleus_instances(labels, method)
+    assert set(np.unique(labels)) == {0, 1, 2} and info["nuclei"] == whole.max() > 100
+
+    def outlines(features):
+        return sorted(json.dumps(f["geometry"]) for f in features)
+
+    written = json.loads(open(info["nuclei_output"]).read())["features"]
+    assert outlines(written) == outlines(instances_to_geojson(whole)["features"])
+    assert sorted(f["properties"]["measurements"]["Instance id"] for f in written) == list(range(1, whole.max() + 1))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["slide_nuclei.geojson", "slide_seg.tif"]
+
+
+def test_label_values_merge_classes_in_the_tiff_and_bad_settings_are_refused(slide, tmp_path):
+    plain = SlideInferer(mpp=0.62, window_size=WINDOW, tissue_threshold=0)(str(slide[0]), _IntensityClasses(),
+                                                                            str(tmp_path / "a"))  # fmt: skip
+    merging = SlideInferer(mpp=0.62, window_size=WINDOW, tissue_threshold=0, label_values=[0, 1, 1], instances="none")
+    merged = merging(str(slide[0]), _IntensityClasses(), str(tmp_path / "b"))
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["slide_seg.tif"] and "nuclei" not in merged
+    with tifffile.TiffFile(merged["output"]) as tif:
+        levels = [level.asarray() for level in tif.series[0].levels]
+    np.testing.assert_array_equal(levels[0], tifffile.imread(plain["output"], level=0) > 0)
+    np.testing.assert_array_equal(levels[1], levels[0][::2, ::2])  # the sub-levels hold the merged values too
+    with pytest.raises(ValueError, match="--instances must be one of watershed, connected_components, none; got 'x'"):
+        SlideInferer(instances="x")
+    short = r"--label_values \[0, 1\]: one value per class needed, the network predicts 3"
+    with pytest.raises(ValueError, match=short):
+        SlideInferer(mpp=0.62, window_size=WINDOW, label_values=[0, 1])(str(slide[0]), _IntensityClasses(),
+                                                                         str(tmp_path / "c"))  # fmt: skip
+    assert list((tmp_path / "c").iterdir()) == []
