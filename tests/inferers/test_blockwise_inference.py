@@ -33,8 +33,10 @@ def _fitted_head(features: torch.Tensor, num_heads: int, seed: int) -> PixelHead
                 conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) / math.sqrt(conv.weight.shape[1]))
                 conv.bias.copy_(0.1 * torch.randn(conv.bias.shape, generator=g))
             w = torch.randn(convs[0].weight.shape[:2], generator=g)
-            proj = pixels @ w.T
-            w = w / proj.std(dim=0, keepdim=True).T
+            # standardised, but no direction in which the features barely vary is blown up: such a weight would
+            # turn float rounding (which differs with the thread count) into large score differences
+            std = (pixels @ w.T).std(dim=0, keepdim=True).T
+            w = w / std.clamp_min(std.median())
             convs[0].weight.copy_(w.view_as(convs[0].weight))
             convs[0].bias.copy_(-(pixels @ w.T).mean(dim=0))
             for bn in (m for m in h.layers if isinstance(m, torch.nn.BatchNorm2d)):
