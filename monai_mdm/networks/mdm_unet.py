@@ -209,10 +209,13 @@ class AttentionBlock(nn.Module):
         qkv = self.qkv(self.norm(x))
         length = qkv.shape[-1]
         head_ch = c // self.num_heads
-        q, k, v = qkv.reshape(b * self.num_heads, 3 * head_ch, length).split(head_ch, dim=1)
-        # (B*heads, ch, L) -> (B*heads, L, ch); SDPA's default scale is 1/sqrt(head_ch)
-        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        h = self.proj_out(a.transpose(1, 2).reshape(b, c, length))
+        q, k, v = qkv.reshape(b, self.num_heads, 3 * head_ch, length).split(head_ch, dim=2)
+        # (B, heads, ch, L) -> contiguous (B, heads, L, ch); SDPA's default scale is 1/sqrt(head_ch). PyTorch's
+        # fused kernels (CPU flash attention, CUDA flash / efficient) need 4-D inputs with a unit last stride; else
+        # its math path builds the L x L matrix: 268 MB per head for a 256 px window of the tiny preset, 10x slower
+        q, k, v = (t.transpose(-1, -2).contiguous() for t in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v)
+        h = self.proj_out(a.transpose(-1, -2).reshape(b, c, length))
         return (x + h).reshape(b, c, *spatial)
 
 
