@@ -36,9 +36,9 @@ _BACKGROUND_RGB = 255  # what a patch reaching past the slide's border is filled
 class TiffSlideReader(TiffFileWSIReader):
     """MONAI's tifffile slide reader that decodes only the tiles a patch covers (pyramidal TIFF, SVS, OME-TIFF).
 
-    Levels are those of the file's first series (tifffile finds SVS, OME and SubIFD pyramids); the resolution
-    of a level is its own ``X/YResolution`` tags, else the SVS description's ``MPP``, else level 0's times the
-    downsampling. A patch reaching past the border is filled with white (glass), as a scanner shows it.
+    Levels are those of the file's first series (tifffile finds SVS, OME, SubIFD and generic reduced-resolution
+    page pyramids); the resolution of a level is its own ``X/YResolution`` tags, else the SVS description's
+    ``MPP``, else level 0's times the downsampling. A patch reaching past the border is filled with white (glass), as a scanner shows it.
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -265,7 +265,8 @@ def write_label_pyramid(
     tile: int = 256,
     level0_tiles: Callable[[], Iterator[np.ndarray]] | None = None,
 ) -> Path:
-    """Write a label map (H, W) uint8 as a tiled pyramidal TIFF (zlib, halved levels as SubIFDs) atomically.
+    """Write a label map (H, W) uint8 as a tiled pyramidal TIFF (zlib; the halved levels follow as
+    reduced-resolution pages, the generic TIFF pyramid OpenSlide, QuPath and tifffile read) atomically.
 
     ``mpp`` becomes the resolution tags (pixels per centimetre), so a viewer (QuPath) places the mask on the
     slide. ``labels`` may be a memory map: it is read tile by tile. ``level0_tiles``, when given, yields
@@ -286,6 +287,5 @@ def write_label_pyramid(
                 per_cm = 1e4 / (mpp * factor)
                 options.update(resolution=(per_cm, per_cm), resolutionunit="CENTIMETER")
             tiles = level0_tiles() if level == 0 and level0_tiles is not None else _tiles(labels, shape, factor, tile)
-            extra = {"subifds": len(shapes) - 1} if level == 0 else {"subfiletype": 1}
-            writer.write(tiles, shape=shape, **options, **extra)
+            writer.write(tiles, shape=shape, **options, subfiletype=1 if level else 0)
     return Path(path)

@@ -43,6 +43,39 @@ def _project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return conv(x, weight.reshape(*weight.shape, *([1] * (x.ndim - 2))))
 
 
+def _block_layout(
+    blocks: Sequence[torch.Tensor], spatial_size: Sequence[int], spatial_dims: int, in_channels: int, norms, like
+) -> tuple[list[torch.Tensor], tuple[int, ...], list[int], dict[tuple[int, ...], list[int]], torch.Tensor | None]:
+    """The checks and bookkeeping both blockwise head paths share: the blocks, the output size, each block's first
+    input channel (``offsets[i]:offsets[i + 1]`` are block i's), the blocks grouped by native resolution (those
+    share an upsampling), and the per-image norms as a flat tensor like ``like``, clamped as ``assemble`` does."""
+    blocks = list(blocks)
+    size = tuple(int(s) for s in spatial_size)
+    if len(size) != spatial_dims:
+        raise ValueError(f"spatial_size {size} does not have {spatial_dims} dims.")
+    if not blocks:
+        raise ValueError("the head needs at least one block of features.")
+    widths = [int(b.shape[1]) if b.ndim > 1 else 0 for b in blocks]
+    if any(b.ndim != spatial_dims + 2 or b.shape[0] != blocks[0].shape[0] for b in blocks):
+        raise ValueError(
+            f"expected (B, C, *spatial) blocks with {spatial_dims} spatial dims and one batch size, got "
+            f"{[tuple(b.shape) for b in blocks]}."
+        )
+    if sum(widths) != in_channels:
+        raise ValueError(f"the blocks have {widths} = {sum(widths)} channels but the head expects {in_channels}.")
+    offsets = [0]
+    for w in widths:
+        offsets.append(offsets[-1] + w)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, b in enumerate(blocks):
+        groups.setdefault(tuple(b.shape[2:]), []).append(i)
+    if norms is not None:
+        norms = torch.as_tensor(norms).to(device=like.device, dtype=like.dtype).reshape(-1).clamp_min(_EPS)
+        if norms.numel() not in (1, int(blocks[0].shape[0])):
+            raise ValueError(f"got {norms.numel()} norms for a batch of {int(blocks[0].shape[0])}.")
+    return blocks, size, offsets, groups, norms
+
+
 class PixelMLPHead(nn.Module):
     """Per-pixel MLP ``in -> h1 -> h2 -> classes`` with ``Linear, ReLU, BatchNorm`` per hidden layer.
 
@@ -119,37 +152,14 @@ class PixelMLPHead(nn.Module):
         Returns:
             logits (B, num_classes, *spatial_size).
         """
-        blocks = list(blocks)
-        if not blocks:
-            raise ValueError("forward_blocks needs at least one block.")
-        size = tuple(int(s) for s in spatial_size)
-        nd = self.spatial_dims
-        if len(size) != nd:
-            raise ValueError(f"spatial_size {size} does not have {nd} dims.")
-        bad = [tuple(b.shape) for b in blocks if b.ndim != nd + 2 or b.shape[0] != blocks[0].shape[0]]
-        if bad:
-            raise ValueError(f"blocks must be (B, C, *spatial) with {nd} spatial dims and one batch size, got {bad}.")
-        widths = [int(b.shape[1]) for b in blocks]
-        if sum(widths) != self.in_channels:
-            raise ValueError(
-                f"the blocks have {widths} = {sum(widths)} channels but the head expects {self.in_channels}."
-            )
         first: nn.Module = self.layers[0]
         weight = first.weight.flatten(1)  # (h1, in_channels)
-        offsets = [0]
-        for w in widths:
-            offsets.append(offsets[-1] + w)
+        nd = self.spatial_dims
+        blocks, size, offsets, groups, n = _block_layout(blocks, spatial_size, nd, self.in_channels, norms, weight)
+        widths = [offsets[i + 1] - offsets[i] for i in range(len(blocks))]
         batch = int(blocks[0].shape[0])
-        n = None
-        if norms is not None:
-            n = torch.as_tensor(norms).to(device=weight.device, dtype=weight.dtype).reshape(-1).clamp_min(_EPS)
-            if n.numel() not in (1, batch):
-                raise ValueError(f"got {n.numel()} norms for a batch of {batch}.")
+        if n is not None:
             n = n.view(-1, *([1] * (nd + 1)))
-        # blocks of one resolution share an upsampling: project their concatenation with one matrix
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, b in enumerate(blocks):
-            groups.setdefault(tuple(b.shape[2:]), []).append(i)
         out: torch.Tensor | None = None
         for native, members in groups.items():
             if len(members) == 1:
@@ -319,35 +329,19 @@ class PixelHeadEnsemble(nn.Module):
         """
         if self.training:
             raise RuntimeError("infer_blocks uses the BatchNorm running statistics: call .eval() on the head first.")
-        blocks = list(blocks)
-        size = tuple(int(s) for s in spatial_size)
-        nd = self.heads[0].spatial_dims
-        widths = [int(b.shape[1]) for b in blocks]
-        if not blocks or sum(widths) != self.in_channels or any(b.ndim != nd + 2 for b in blocks):
-            raise ValueError(
-                f"expected (B, C, *spatial) blocks with {nd} spatial dims and {self.in_channels} channels in all, "
-                f"got {[tuple(b.shape) for b in blocks]}."
-            )
         folded = [h.folded_layers() for h in self.heads]
         first_w = torch.cat([f[0][0] for f in folded])  # (N * h1, in_channels)
         first_b = torch.cat([f[0][1] for f in folded])
-        dtype, batch = first_w.dtype, int(blocks[0].shape[0])  # batch only for checks: a trace must not fix it
-        offsets = [0]
-        for w in widths:
-            offsets.append(offsets[-1] + w)
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, b in enumerate(blocks):
-            groups.setdefault(tuple(b.shape[2:]), []).append(i)
+        nd = self.heads[0].spatial_dims
+        blocks, size, offsets, groups, norms = _block_layout(
+            blocks, spatial_size, nd, self.in_channels, norms, first_w
+        )
+        dtype = first_w.dtype
         # pixels-major (B, P, channels) from here on: the matrix products read the (B, C, P) blocks transposed
         # without a copy, and bi/trilinear upsampling of a channels-last map is ~10x faster on CPUs than of a
         # channels-first one
         # 1 / norm is one scalar per image: scale each image's copy of the (small) weight instead of its pixels
-        scale = None
-        if norms is not None:
-            inv = torch.as_tensor(norms).to(device=first_w.device, dtype=dtype).reshape(-1)
-            if inv.numel() not in (1, batch):
-                raise ValueError(f"got {inv.numel()} norms for a batch of {batch}.")
-            scale = inv.clamp_min(_EPS).reciprocal().view(-1, 1, 1)
+        scale = None if norms is None else norms.reciprocal().view(-1, 1, 1)
         out: torch.Tensor | None = None
         for native, members in groups.items():
             y: torch.Tensor | None = None

@@ -43,6 +43,20 @@ def test_reader_reads_regions_of_every_level_as_written(slide):
     assert (edge[:, 10:] == 255).all() and (edge[:, :, 20:] == 255).all()
 
 
+def test_subifd_pyramids_read_as_the_generic_layout(slide, tmp_path):
+    """OME-style pyramids nest the halved levels as SubIFDs of level 0; the reader finds the same levels."""
+    path = tmp_path / "subifds.tif"
+    write_synthetic_slide(path, SHAPE, mpp=0.5, tile=64, cell=64, seed=1, subifds=True)
+    generic, nested = TiffSlideReader(), TiffSlideReader()
+    a, b = open_slide(slide[0], generic), open_slide(path, nested)
+    assert len(b.pages) == 1 and len(a.pages) == 3  # the layouts differ on disk
+    assert [nested.get_size(b, n) for n in range(3)] == [generic.get_size(a, n) for n in range(3)]
+    assert nested.get_mpp(b, 2) == pytest.approx((2.0, 2.0))
+    for level in range(3):
+        region = dict(location=(40, 60), size=(30, 40), level=level)
+        np.testing.assert_array_equal(nested.get_data(b, **region)[0], generic.get_data(a, **region)[0])
+
+
 def test_level_is_chosen_by_microns_per_pixel(slide):
     reader = TiffSlideReader()
     wsi = open_slide(slide[0], reader)

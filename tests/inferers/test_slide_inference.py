@@ -50,9 +50,7 @@ def test_slide_blend_equals_the_tile_sliding_window_where_windows_ran(slide, mod
 
 def test_slide_labels_are_the_tile_labels_on_tissue_and_background_elsewhere(slide, model, reference, tmp_path):
     tissue = _tissue(slide[0])
-    # the tiny head may call everything one class; shifting the gland score by a constant (which blends
-    # unchanged) splits the tissue between both classes, so that comparing labels means something
-    shift = float(np.median((reference[0] - reference[1])[tissue]))
+    shift = _balancing_shift(reference, tissue)
     reference = reference + np.array([0.0, shift])[:, None, None]
     calls = []
     counting = _Counting(_Shifted(model, shift), calls)
@@ -76,6 +74,24 @@ def test_slide_labels_are_the_tile_labels_on_tissue_and_background_elsewhere(sli
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["slide_seg.tif"]  # working files removed
 
 
+def test_openslide_backend_segments_the_slide_as_the_tifffile_reader_does(slide, model, reference, tmp_path):
+    """OpenSlide (``--backend openslide``) finds the same levels, resolution and tissue, so the label TIFF is the
+    same; and it reads the label TIFF back as a pyramid placed at the slide's resolution."""
+    import openslide  # the test extra installs openslide-bin and openslide-python
+
+    shift = _Shifted(model, _balancing_shift(reference, _tissue(slide[0])))
+    ours = SlideInferer(mpp=0.62, window_size=WINDOW)(str(slide[0]), shift, str(tmp_path / "tifffile"))
+    theirs = SlideInferer(mpp=0.62, window_size=WINDOW, backend="openslide")(str(slide[0]), shift, str(tmp_path / "os"))
+    assert (theirs["level"], theirs["run"], theirs["skipped"]) == (ours["level"], ours["run"], ours["skipped"])
+    assert theirs["mpp"] == pytest.approx(0.62)
+    labels = tifffile.imread(ours["output"])
+    assert 0.1 < labels.mean() < 0.9
+    np.testing.assert_array_equal(tifffile.imread(theirs["output"]), labels)
+    mask = openslide.OpenSlide(ours["output"])
+    assert mask.level_dimensions == ((778, 523), (389, 262), (195, 131))
+    assert float(mask.properties["openslide.mpp-x"]) == pytest.approx(0.62)
+
+
 def test_failed_slide_leaves_nothing_under_the_final_name(slide, model, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="out of memory"):
@@ -89,6 +105,12 @@ def test_slide_larger_than_the_free_disk_is_refused_before_inference(slide, mode
     with pytest.raises(OSError, match=r"--output_dir '.*': 0.00 GB free, but segmenting '.*slide.tif' \(523x778"):
         SlideInferer(mpp=0.62, window_size=WINDOW)(str(slide[0]), _Counting(model, calls), str(tmp_path / "out"))
     assert sum(calls) == 1 and list((tmp_path / "out").iterdir()) == []
+
+
+def _balancing_shift(reference, tissue) -> float:
+    """The tiny head may call everything one class; shifting the gland score by a constant (which blends
+    unchanged) splits the tissue between both classes, so that comparing labels means something."""
+    return float(np.median((reference[0] - reference[1])[tissue]))
 
 
 def _tissue(path) -> np.ndarray:

@@ -241,17 +241,21 @@ def test_forward_blocks_ensemble_and_wrapper():
         BlockwiseHead(nn.Conv2d(4, 2, 1))
 
 
-def test_forward_blocks_errors():
-    head = PixelMLPHead(10, 2)
+@pytest.mark.parametrize("path", ["forward_blocks", "infer_blocks"])
+def test_blockwise_paths_refuse_the_same_bad_blocks(path):
+    head = PixelMLPHead(10, 2) if path == "forward_blocks" else PixelHeadEnsemble(10, 2, num_heads=2).eval()
+    run = getattr(head, path)
     good = [torch.randn(2, 6, 4, 4), torch.randn(2, 4, 8, 8)]
-    assert head.forward_blocks(good, (8, 8)).shape == (2, 2, 8, 8)
+    assert run(good, (8, 8)).shape == (2, 2, 8, 8)
     with pytest.raises(ValueError, match="expects 10"):
-        head.forward_blocks([torch.randn(2, 6, 4, 4)], (8, 8))
+        run([torch.randn(2, 6, 4, 4)], (8, 8))
     with pytest.raises(ValueError, match="one batch size"):
-        head.forward_blocks([torch.randn(2, 6, 4, 4), torch.randn(3, 4, 8, 8)], (8, 8))
+        run([torch.randn(2, 6, 4, 4), torch.randn(3, 4, 8, 8)], (8, 8))
+    with pytest.raises(ValueError, match="2 spatial dims"):
+        run([torch.randn(2, 6, 4, 4, 4), torch.randn(2, 4, 8, 8)], (8, 8))
     with pytest.raises(ValueError, match="2 dims"):
-        head.forward_blocks(good, (8, 8, 8))
+        run(good, (8, 8, 8))
     with pytest.raises(ValueError, match="3 norms"):
-        head.forward_blocks(good, (8, 8), torch.ones(3))
+        run(good, (8, 8), torch.ones(3))
     with pytest.raises(ValueError, match="at least one block"):
-        head.forward_blocks([], (8, 8))
+        run([], (8, 8))

@@ -74,18 +74,24 @@ def write_synthetic_slide(
     mpp: float | None = 0.62,
     levels: int = 3,
     tile: int = 256,
+    subifds: bool = False,
     **content,
 ) -> SyntheticSlide:
-    """Write a pyramidal RGB TIFF (``levels`` levels, each half the previous, as SubIFDs; zlib tiles) of a
+    """Write a pyramidal RGB TIFF (``levels`` levels, each half the previous; zlib tiles) of a
     :class:`SyntheticSlide` (``content``: its ``cell``, ``tissue``, ``kind``, ``seed``, ``variants``); ``mpp``
-    (level 0's microns per pixel) goes into the resolution tags, ``None`` writes none. Returns the content."""
+    (level 0's microns per pixel) goes into the resolution tags, ``None`` writes none. Returns the content.
+
+    The halved levels follow level 0 as reduced-resolution pages, the generic tiled TIFF pyramid that OpenSlide,
+    QuPath and tifffile all read; ``subifds`` nests them as SubIFDs instead (the OME-TIFF layout, which OpenSlide
+    sees as one level).
+    """
     import tifffile
 
     slide = SyntheticSlide(shape, **content)
     with atomic_path(path, suffix=".tif") as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as writer:
         for level in range(levels):
             factor = 2**level
-            options: dict = {"subifds": levels - 1} if level == 0 else {"subfiletype": 1}
+            options: dict = {"subfiletype": 1} if level else ({"subifds": levels - 1} if subifds else {})
             if mpp is not None:
                 per_cm = 1e4 / (mpp * factor)
                 options.update(resolution=(per_cm, per_cm), resolutionunit="CENTIMETER")
