@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end check of a few-shot bundle in MONAI Label's bundle app ("monaibundle"), offline, on 127.0.0.1:
 # inference, then the labelling loop: labels for 3 images saved through the datastore API, POST /train (a
-# second POST while it runs is refused), the new model served, its mask checked.
+# second POST while it runs is refused), the new model served, its mask checked; then active learning: the
+# app gets the lines the bundle docs give, POST /scoring scores the unlabelled images by the head ensemble's
+# entropy and POST /activelearning serves the most uncertain.
 #
 # Usage: scripts/monailabel_smoke.sh [MODEL_PT]
 #   MODEL_PT  a trained models/model.pt of $BUNDLE; without it a tiny GlaS model is trained on synthetic data.
@@ -81,6 +83,24 @@ say "setting up the monaibundle app"
 (cd "$WORK" && "$VENV/bin/monailabel" apps --download --name monaibundle --output "$WORK/apps" > /dev/null)
 APP=$WORK/apps/monaibundle
 [[ -f $APP/main.py ]] || fail "monaibundle app not found in the monailabel package"
+# active learning by the head ensemble's uncertainty: the lines the bundle docs tell users to add
+"$PY" - "$APP/main.py" "$BUNDLE" <<'EOF'
+import sys
+from pathlib import Path
+
+main, bundle = Path(sys.argv[1]), sys.argv[2]
+text = main.read_text()
+additions = {
+    "import monailabel\n": "from monai_mdm.apps import monailabel as mdm\n",
+    "        methods: Dict[str, ScoringMethod] = {}\n":
+        f"        methods['{bundle}_entropy'] = mdm.scoring_method(self.models['{bundle}'])\n",
+    '            "first": First(),\n': "            'mdm_entropy': mdm.strategy(),\n",
+}
+for anchor, line in additions.items():
+    assert text.count(anchor) == 1, f"{main}: no single {anchor.strip()!r} to add the active-learning lines after"
+    text = text.replace(anchor, anchor + line)
+main.write_text(text)
+EOF
 mkdir -p "$APP/model/$BUNDLE/models"
 cp -r "$REPO/bundles/$BUNDLE/configs" "$APP/model/$BUNDLE/"
 cp "$MODEL" "$APP/model/$BUNDLE/models/model.pt"
@@ -90,7 +110,8 @@ IMAGE=${IMAGE:-$GLAS/testA_1.bmp}
 mkdir -p "$WORK/studies"
 cp "$IMAGE" "$WORK/studies/"
 LABELLED=(train_1 train_2 train_3)  # labelled in step 6
-for name in "${LABELLED[@]}"; do cp "$GLAS/$name.bmp" "$WORK/studies/"; done
+UNLABELLED=(testA_2 testA_3)  # with the inference image: what active learning ranks in step 9
+for name in "${LABELLED[@]}" "${UNLABELLED[@]}"; do cp "$GLAS/$name.bmp" "$WORK/studies/"; done
 
 # 4. The server, offline: a local bundle (no model-zoo look-up), no SAM2 model, the bundle's trainer on.
 PORT=$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
@@ -98,6 +119,7 @@ say "starting monailabel on 127.0.0.1:$PORT"
 # the studies folder lists only MONAI_LABEL_DATASTORE_FILE_EXT files, whose default has no *.bmp (GlaS)
 export MONAI_LABEL_DATASTORE_FILE_EXT='["*.bmp", "*.png", "*.jpg", "*.tif", "*.tiff"]'
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # the server and the training it starts
+export MONAI_LABEL_AUTO_UPDATE_SCORING=false  # step 9 scores on request, so no background scoring races it
 (cd "$WORK" && exec "$VENV/bin/monailabel" start_server --app "$APP" --studies "$WORK/studies" \
     --host 127.0.0.1 --port "$PORT" \
     --conf models "$BUNDLE" --conf zoo_source github --conf sam2 false \
@@ -189,6 +211,11 @@ say "POST /train/$BUNDLE $PARAMS"
 TRAIN_START=$(date +%s)
 curl -sf -X POST "http://127.0.0.1:$PORT/train/$BUNDLE" -H "Content-Type: application/json" -d "$PARAMS" \
     -o "$WORK/train.json" || { tail -40 "$WORK/server.log"; fail "training request"; }
+# MONAI Label counts a training as running once its process has started; a request before that is queued
+for _ in $(seq 1 50); do
+    curl -sf "http://127.0.0.1:$PORT/train/?check_if_running=true" -o /dev/null && break
+    sleep 0.2
+done
 CODE=$(curl -s -o "$WORK/train_again.json" -w "%{http_code}" -X POST "http://127.0.0.1:$PORT/train/$BUNDLE" \
     -H "Content-Type: application/json" -d "$PARAMS")
 echo "a second POST /train while training: HTTP $CODE $(cat "$WORK/train_again.json")"
@@ -219,3 +246,26 @@ curl -sf -X POST "http://127.0.0.1:$PORT/infer/$BUNDLE?image=$STEM&output=image"
     || { tail -40 "$WORK/server.log"; fail "inference request with the new model"; }
 check_mask "$IMAGE" "$WORK/mask_trained$EXT"
 say "PASS: labels saved in MONAI Label trained $BUNDLE, and the new model returned a plausible mask"
+
+# 9. Active learning: score the unlabelled images with the new model, then ask for the next one to label.
+say "POST /scoring/${BUNDLE}_entropy (synchronous)"
+curl -sf -X POST "http://127.0.0.1:$PORT/scoring/${BUNDLE}_entropy?run_sync=true" -o "$WORK/scoring.json" \
+    || { tail -40 "$WORK/server.log"; fail "scoring request"; }
+curl -sf "http://127.0.0.1:$PORT/datastore/?output=all" -o "$WORK/datastore.json" \
+    || { tail -40 "$WORK/server.log"; fail "datastore listing"; }
+curl -sf -X POST "http://127.0.0.1:$PORT/activelearning/mdm_entropy" -H "Content-Type: application/json" -d '{}' \
+    -o "$WORK/next.json" || { tail -40 "$WORK/server.log"; fail "next-sample request"; }
+"$PY" - "$WORK/datastore.json" "$WORK/next.json" "$STEM" "${UNLABELLED[@]}" <<'EOF'
+import json, sys
+
+objects = json.load(open(sys.argv[1]))["objects"]
+served = json.load(open(sys.argv[2]))
+unlabelled = sys.argv[3:]
+scores = {name: objects[name]["image"]["info"].get("mdm_entropy") for name in unlabelled}
+print("entropy of the unlabelled images:", {k: None if v is None else round(v, 4) for k, v in scores.items()})
+assert all(isinstance(v, float) for v in scores.values()), "an unlabelled image was not scored"
+best = max(scores, key=scores.get)
+print(f"next sample served: {served.get('id')} (most uncertain: {best})")
+assert served.get("id") == best, "the strategy did not serve the most uncertain image"
+EOF
+say "PASS: active learning scored the ${#UNLABELLED[@]}+1 unlabelled images and served the most uncertain"
