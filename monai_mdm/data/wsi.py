@@ -38,7 +38,8 @@ class TiffSlideReader(TiffFileWSIReader):
 
     Levels are those of the file's first series (tifffile finds SVS, OME, SubIFD and generic reduced-resolution
     page pyramids); the resolution of a level is its own ``X/YResolution`` tags, else the SVS description's
-    ``MPP``, else level 0's times the downsampling. A patch reaching past the border is filled with white (glass), as a scanner shows it.
+    ``MPP``, else level 0's times the downsampling. A patch reaching past the border is filled with white
+    (glass), as a scanner shows it.
     """
 
     def __init__(self, **kwargs: Any) -> None:
