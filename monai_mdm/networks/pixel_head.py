@@ -55,12 +55,12 @@ def _block_layout(
         raise ValueError(f"spatial_size {size} does not have {spatial_dims} dims.")
     if not blocks:
         raise ValueError("the head needs at least one block of features.")
-    widths = [int(b.shape[1]) if b.ndim > 1 else 0 for b in blocks]
     if any(b.ndim != spatial_dims + 2 or b.shape[0] != blocks[0].shape[0] for b in blocks):
         raise ValueError(
             f"expected (B, C, *spatial) blocks with {spatial_dims} spatial dims and one batch size, got "
             f"{[tuple(b.shape) for b in blocks]}."
         )
+    widths = [int(b.shape[1]) for b in blocks]
     if sum(widths) != in_channels:
         raise ValueError(f"the blocks have {widths} = {sum(widths)} channels but the head expects {in_channels}.")
     offsets = [0]
